@@ -1,0 +1,122 @@
+"""Compare encoders on downstream sets: linear-probe top-1 per (encoder, set) and fidelity to the victim."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from eval.features import extract_features
+from eval.metrics import fidelity
+from eval.probe import linear_probe
+from stealer.config import ConfigError, choice
+from stealer.student import StolenEncoder, load_student
+
+__all__ = ["ProbeConfig", "run_probe", "parse_set"]
+
+
+@dataclass
+class ProbeConfig:
+    name: str = "probe"
+    out_dir: str = "runs"
+    seed: int = 0
+    cpu: bool = False
+    victim: str = "runs/demo/victim/checkpoint.pth.tar"  # '' = no victim row
+    victim_representation: str = "backbone"
+    stolen: list[str] = field(default_factory=list)  # NAME=path/to/student.pt ...
+    random: bool = True  # add a random-init encoder of the first stolen encoder's architecture
+    stolen_features: str = "output"  # output (what imitates the victim) | backbone (pooled features)
+    sets: list[str] = field(default_factory=lambda: [
+        "animal_mnist:runs/demo/data/animal_mnist/probe_train:runs/demo/data/animal_mnist/probe_test"])
+    image_size: int = 32
+    channels: int = 1
+    batch_size: int = 500
+    steps: int = 300
+    lr: float = 0.01
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def validate(self) -> None:
+        choice("stolen_features", self.stolen_features, ["output", "backbone"])
+        choice("victim_representation", self.victim_representation, ["backbone", "projector"])
+        for s in self.stolen:
+            if "=" not in s:
+                raise ConfigError(f"stolen entry '{s}' is not NAME=path/to/student.pt")
+        for s in self.sets:
+            parse_set(s)
+
+
+def parse_set(spec: str) -> tuple[str, str, str]:
+    """``name:train_dir:test_dir`` → (name, train_dir, test_dir)."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise ConfigError(f"probe set '{spec}' is not NAME:TRAIN_SHARDS:TEST_SHARDS")
+    return parts[0], parts[1], parts[2]
+
+
+def _student_encoder(model: StolenEncoder, which: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    model = model.to(device).eval()
+
+    @torch.no_grad()
+    def enc(x: torch.Tensor) -> torch.Tensor:
+        h = model.preprocess(x)
+        return model(h) if which == "output" else model.features(h)
+
+    return enc
+
+
+def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
+    """Probe every encoder on every set; write ``results.jsonl``; return ``{encoder: {set: metrics}}``."""
+    from victims.simsiam import load_victim_encoder
+
+    acc = accelerator
+    dev = acc.device
+    encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if cfg.victim:
+        victim = load_victim_encoder(cfg.victim, representation=cfg.victim_representation).to(dev)
+        encoders["victim"] = victim
+    first_meta = None
+    for item in cfg.stolen:
+        name, path = item.split("=", 1)
+        model = load_student(path)
+        first_meta = first_meta or model.meta
+        encoders[name] = _student_encoder(model, cfg.stolen_features, dev)
+    if cfg.random and first_meta is not None:
+        torch.manual_seed(cfg.seed + 12345)
+        m = first_meta
+        rnd = StolenEncoder(m["arch"], m["out_dim"], in_chans=m["in_chans"], width=m["width"], stem=m["stem"],
+                            mean=m["mean"], std=m["std"])
+        encoders["random"] = _student_encoder(rnd, cfg.stolen_features, dev)
+
+    results: dict[str, dict[str, Any]] = {n: {} for n in encoders}
+    run = cfg.run_dir
+    if acc.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+    for spec in cfg.sets:
+        set_name, train_dir, test_dir = parse_set(spec)
+        test_feats: dict[str, torch.Tensor] = {}
+        for enc_name, enc in encoders.items():
+            t0 = time.time()
+            kw = dict(channels=cfg.channels, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                      rank=acc.process_index, world=acc.num_processes, device=dev)
+            xtr, ytr = extract_features(enc, train_dir, **kw)
+            xte, yte = extract_features(enc, test_dir, **kw)
+            test_feats[enc_name] = xte
+            res = linear_probe(xtr, ytr, xte, yte, accelerator=acc, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed)
+            res["seconds"] = time.time() - t0
+            res["n_train"], res["n_test"] = len(ytr), len(yte)
+            results[enc_name][set_name] = res
+        if "victim" in test_feats:
+            for enc_name, f in test_feats.items():
+                if enc_name != "victim" and f.shape == test_feats["victim"].shape:
+                    results[enc_name][set_name]["fidelity"] = fidelity(f, test_feats["victim"])
+        if acc.is_main_process:
+            with open(run / "results.jsonl", "a") as fh:
+                for enc_name in encoders:
+                    fh.write(json.dumps({"encoder": enc_name, "set": set_name, **results[enc_name][set_name]}) + "\n")
+    return results

@@ -1,0 +1,87 @@
+"""Shared glue of the entry points: argument parsing, the accelerator, the in-process victim."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["parse_job_args", "make_accelerator", "build_victim_api", "config_help", "fail"]
+
+
+def config_help(cls: type, prefix: str = "") -> list[str]:
+    """``key = default`` lines for every leaf of a config dataclass."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += config_help(tp, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {prefix}{f.name} = {default!r}")
+    return lines
+
+
+def parse_job_args(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
+    """``--config FILE [--resume auto|none|PATH] key=value ...`` → a validated config object."""
+    from stealer.config import ConfigError, load_config
+
+    p = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override any with key=value):\n" + "\n".join(config_help(cls)),
+    )
+    p.add_argument("--config", help="YAML file of config keys (see launch/configs/)")
+    p.add_argument("--resume", help="auto (newest valid checkpoint of this run), none, or a checkpoint path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=0.5 victim.budget=3000")
+    a = p.parse_args(argv)
+    overrides = list(a.overrides)
+    if a.resume is not None:
+        overrides.append(f"resume={a.resume}")
+    try:
+        return load_config(cls, a.config, overrides)
+    except ConfigError as e:
+        fail(str(e))
+        raise  # unreachable
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """Print a one-line error and exit."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Any:
+    """An Accelerator on the GPU when there is one (and ``cpu`` is false), else CPU (gloo across processes)."""
+    import torch
+    from accelerate import Accelerator
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    use_cpu = cpu or not torch.cuda.is_available()
+    if use_cpu and mixed_precision == "fp16":
+        mixed_precision = "no"  # fp16 autocast is a GPU feature; bf16 works on CPU
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed_precision)
+
+
+def build_victim_api(vcfg: Any, run_dir: str | os.PathLike, device: Any = "cpu") -> Any:
+    """The in-process victim: the encoder behind a VictimAPI with a persistent per-user ledger."""
+    from victims.api import VictimAPI
+    from victims.ledger import QueryLedger
+    from victims.simsiam import load_victim_encoder, random_victim
+
+    encoder = load_victim_encoder(vcfg.checkpoint, arch=vcfg.arch or None, representation=vcfg.representation)
+    if vcfg.random_init:
+        encoder = random_victim(encoder)
+    state = Path(vcfg.state_dir) if vcfg.state_dir else Path(run_dir) / "victim_state"
+    state.mkdir(parents=True, exist_ok=True)
+    ledger = QueryLedger(state / "ledger.sqlite")
+    if vcfg.budget is not None or ledger.budget(vcfg.user) is not None:
+        ledger.set_budget(vcfg.user, vcfg.budget)
+    return VictimAPI(encoder, ledger, device=device)

@@ -1,0 +1,296 @@
+"""Turn an image dataset into WebDataset shards (``sslsteal-shards/1``): ``python launch/make_shards.py SOURCE OUT_DIR``.
+
+SOURCE is one of:
+
+* an image-folder tree ``SOURCE/<class>/**/<image>`` (jpg/jpeg/png/bmp/gif/tif/webp/ppm/pgm;
+  class index = position of the sorted class-folder name);
+* a ``.npz`` with ``images`` (uint8, N x H x W or N x H x W x 3), ``labels`` (ints) and
+  optionally ``classes`` (names);
+* ``builtin:animal_mnist`` or ``builtin:digits`` (datasets that ship inside pip packages), or
+  ``builtin:default`` = every split of the default experiments
+  (:func:`stealer.shards.build_default_data`).
+
+The shard format and the manifest are described in :mod:`stealer.shards`.
+Importable: :func:`make_shards` does what the command does; :func:`main` takes an argv list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stealer.datasets import BUILTIN_DATASETS, load_builtin, split_indices
+from stealer.shards import (
+    ImageFolderSource,
+    ShardSourceError,
+    ShardWarning,
+    SkipCounter,
+    array_layout,
+    array_samples,
+    build_default_data,
+    load_npz,
+    read_manifest,
+    sanitize_key_prefix,
+    write_shards,
+)
+
+__all__ = ["main", "make_shards", "parse_split"]
+
+_PROG = "make_shards"
+_SPLIT_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*)=(\d+)$")
+_BUILTIN_CHOICES = [*sorted(BUILTIN_DATASETS), "default"]
+
+
+def parse_split(text: str) -> tuple[str, int]:
+    """Parse ``NAME=COUNT`` (NAME: letters, digits, ``_``, ``-``; COUNT: a non-negative integer)."""
+    m = _SPLIT_RE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"bad --split {text!r}: write NAME=COUNT, e.g. --split query=3000 (NAME: letters, digits, '_', '-')"
+        )
+    return m.group(1), int(m.group(2))
+
+
+def _write_set(samples, out_dir: Path, *, skipped, overwrite: bool, **kw) -> dict:
+    try:
+        return write_shards(samples, out_dir, skipped=skipped, overwrite=overwrite, **kw)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{out_dir} already holds a shard set (manifest.json); pass --overwrite or choose another OUT_DIR"
+        ) from None
+
+
+def make_shards(
+    source: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    samples_per_shard: int = 1000,
+    image_size: int | None = None,
+    splits: Mapping[str, int] | None = None,
+    seed: int = 0,
+    prefix: str = "train",
+    overwrite: bool = False,
+    keep_order: bool = False,
+) -> dict[str, dict]:
+    """Write ``source`` as shards into ``out_dir`` (or one sub-folder per split).
+
+    Args:
+        source: image-folder path, ``.npz`` path, or ``builtin:NAME``
+            (``animal_mnist``, ``digits``, ``default``).
+        out_dir: output folder.
+        samples_per_shard: samples per tar file.
+        image_size: resize every image to ``S x S`` (PIL bilinear, channels kept);
+            ``None`` keeps native sizes (``builtin:default`` then uses 32).
+        splits: split name -> count; writes ``out_dir/NAME`` per split, disjoint and
+            class-stratified (:func:`stealer.datasets.split_indices`).
+        seed: seed for the splits and for the sample order.
+        prefix: shard file prefix (``{prefix}-{i:06d}.tar``).
+        overwrite: replace existing shard sets instead of failing.
+        keep_order: write samples in source order instead of a seeded shuffle
+            (source order is usually class-sorted, which hurts streaming readers).
+
+    Returns:
+        output folder (as a string) -> its manifest. For ``builtin:default`` the
+        manifests of all default splits (existing ones are kept, not rewritten).
+
+    Raises:
+        FileNotFoundError, FileExistsError, ShardSourceError, ValueError, ImportError:
+            with a one-line message naming the problem and the fix.
+    """
+    out = Path(out_dir)
+    splits = dict(splits or {})
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {image_size}")
+
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name == "default":
+            if splits:
+                raise ValueError("builtin:default has its own splits; drop --split (or use builtin:animal_mnist)")
+            paths = build_default_data(
+                out,
+                seed=seed,
+                image_size=32 if image_size is None else image_size,
+                samples_per_shard=samples_per_shard,
+                prefix=prefix,
+            )
+            return {str(p): read_manifest(p) for p in paths.values()}
+        if name not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown source {source!r}; choose one of: {', '.join('builtin:' + c for c in _BUILTIN_CHOICES)}")
+        images, labels, classes = load_builtin(name)
+        images, channels = array_layout(images, source)
+        return _write_arrays(
+            images, labels, classes, channels, out, source=source, key_prefix=name, image_size=image_size,
+            splits=splits, seed=seed, prefix=prefix, samples_per_shard=samples_per_shard,
+            overwrite=overwrite, keep_order=keep_order,
+        )
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"source {path} does not exist; give an image folder, a .npz file or "
+            f"{'|'.join('builtin:' + c for c in _BUILTIN_CHOICES)}"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".npz":
+            raise ShardSourceError(f"source {path} is a file but not a .npz; give a .npz, an image folder or builtin:NAME")
+        images, labels, classes = load_npz(path)
+        images, channels = array_layout(images, str(path))
+        return _write_arrays(
+            images, labels, classes, channels, out, source=str(path), key_prefix=sanitize_key_prefix(path.stem),
+            image_size=image_size, splits=splits, seed=seed, prefix=prefix,
+            samples_per_shard=samples_per_shard, overwrite=overwrite, keep_order=keep_order,
+        )
+
+    if out.resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"OUT_DIR {out} lies inside SOURCE {path}; write the shards somewhere else")
+    folder = ImageFolderSource.scan(path, image_size=image_size)
+    labels = folder.labels
+    common = dict(
+        prefix=prefix, samples_per_shard=samples_per_shard, classes=folder.classes,
+        channels=folder.channels, image_size=folder.native_size,
+    )
+    result: dict[str, dict] = {}
+    for sub, indices, label in _plan(labels, splits, seed, keep_order, out):
+        counter = SkipCounter()
+        result[str(sub)] = _write_set(
+            folder.samples(indices, skipped=counter), sub, skipped=counter, overwrite=overwrite,
+            source=f"{path}{label}", **common,
+        )
+    return result
+
+
+def _plan(labels: np.ndarray, splits: Mapping[str, int], seed: int, keep_order: bool, out: Path):
+    """Yield ``(folder, indices, source-suffix)`` for the whole set or for each split."""
+    if splits:
+        for name, idx in split_indices(labels, splits, seed).items():
+            yield out / name, idx, f" split={name} seed={seed}"
+    elif keep_order:
+        yield out, np.arange(labels.shape[0]), ""
+    else:
+        yield out, np.random.default_rng(seed).permutation(labels.shape[0]), ""
+
+
+def _write_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    channels: int,
+    out: Path,
+    *,
+    source: str,
+    key_prefix: str,
+    image_size: int | None,
+    splits: Mapping[str, int],
+    seed: int,
+    prefix: str,
+    samples_per_shard: int,
+    overwrite: bool,
+    keep_order: bool,
+) -> dict[str, dict]:
+    size = [image_size, image_size] if image_size is not None else [int(images.shape[1]), int(images.shape[2])]
+    result: dict[str, dict] = {}
+    for sub, indices, label in _plan(labels, splits, seed, keep_order, out):
+        result[str(sub)] = _write_set(
+            array_samples(images, labels, indices, key_prefix=key_prefix, image_size=image_size),
+            sub, skipped=0, overwrite=overwrite, source=f"{source}{label}", prefix=prefix,
+            samples_per_shard=samples_per_shard, classes=classes, channels=channels, image_size=size,
+        )
+    return result
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python launch/make_shards.py",
+        description=(
+            "Write an image dataset as WebDataset shards (sslsteal-shards/1): OUT_DIR/PREFIX-000000.tar ...\n"
+            "plus OUT_DIR/manifest.json, written last (a folder without it is unfinished). Each sample is\n"
+            "KEY.png (mode L or RGB; or KEY.jpg for JPEGs copied as they are) and KEY.cls (class index as text).\n"
+            "Keys are unique across the set and across its splits. Errors are one line, exit status 2."
+        ),
+        epilog=(
+            "SOURCE kinds:\n"
+            "  DIR                  image-folder tree DIR/<class>/**/<image> (jpg jpeg png bmp gif tif tiff webp\n"
+            "                       ppm pgm pbm pnm). Classes = sorted sub-folder names. If every image is a JPEG\n"
+            "                       and --image-size is not given, the JPEG bytes are copied as they are;\n"
+            "                       otherwise all images are stored as PNG. Grey if every image is grey, else RGB.\n"
+            "                       Unreadable images are skipped with a warning and counted in the manifest\n"
+            "                       as \"skipped\".\n"
+            "  FILE.npz             arrays images (uint8 N,H,W or N,H,W,3), labels (ints), optional classes.\n"
+            "  builtin:animal_mnist Animal-MNIST, 10000 x 28x28 grey, 10 animal classes (pip package animal-mnist).\n"
+            "  builtin:digits       scikit-learn digits, 1797 x 8x8 grey scaled to 0..255.\n"
+            "  builtin:default      the default experiment data: OUT_DIR/animal_mnist/{victim_train,query,\n"
+            "                       probe_train,probe_test} and OUT_DIR/digits/{probe_train,probe_test}, 32x32\n"
+            "                       unless --image-size; splits that already have a manifest are kept.\n"
+            "\n"
+            "examples:\n"
+            "  python launch/make_shards.py builtin:default data/\n"
+            "  python launch/make_shards.py ~/images/pets data/pets --image-size 64 --split train=8000 --split test=2000\n"
+            "  python launch/make_shards.py faces.npz data/faces --samples-per-shard 500\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="SOURCE", help="image folder, .npz file, or builtin:animal_mnist|digits|default")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created); with --split, one sub-folder per split")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="samples per tar file (default 1000)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, metavar="S",
+        help="resize every image to S x S (PIL bilinear, no crop, channels kept) and store PNG; "
+        "default: native size (32 for builtin:default)",
+    )
+    parser.add_argument(
+        "--split", type=parse_split, action="append", default=[], metavar="NAME=COUNT",
+        help="repeatable: write OUT_DIR/NAME with COUNT samples; splits are disjoint and class-stratified "
+        "(COUNTs may add up to at most the number of images)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the splits and the sample order (default 0)")
+    parser.add_argument("--prefix", default="train", metavar="P", help="shard file prefix: P-000000.tar ... (default train)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shard sets already in OUT_DIR instead of failing")
+    parser.add_argument(
+        "--keep-order", action="store_true",
+        help="write samples in source order (default: shuffled with --seed, since source order is often class-sorted)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 on a usage or source error)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    names = [n for n, _ in args.split]
+    if len(set(names)) != len(names):
+        parser.error(f"--split names must differ, got {', '.join(names)}")
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"{_PROG}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ShardWarning)
+        warnings.showwarning = show
+        try:
+            result = make_shards(
+                args.source, args.out_dir, samples_per_shard=args.samples_per_shard, image_size=args.image_size,
+                splits=dict(args.split), seed=args.seed, prefix=args.prefix, overwrite=args.overwrite,
+                keep_order=args.keep_order,
+            )
+        except (OSError, ValueError, ImportError) as exc:
+            print(f"{_PROG}: error: {exc}", file=sys.stderr)
+            return 2
+    for folder, manifest in result.items():
+        skipped = manifest.get("skipped", 0)
+        extra = f", skipped {skipped} unreadable" if skipped else ""
+        print(f"{folder}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

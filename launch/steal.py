@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Steal an encoder: query the victim once per image (cached), then train the stolen encoder.
+
+    python launch/steal.py --config launch/configs/demo.yaml name=my_run train.loss=mse
+    accelerate launch --config_file launch/accelerate/cpu-2proc.yaml launch/steal.py --config ... --resume auto
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.common import build_victim_api, fail, make_accelerator, parse_job_args  # noqa: E402
+from stealer.config import save_config  # noqa: E402
+from stealer.steal import StealConfig, run_query_phase, run_train_phase  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_job_args(StealConfig, __doc__, argv)
+    acc = make_accelerator(cfg.cpu, cfg.train.mixed_precision)
+    if acc.is_main_process:
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    out: dict = {"world_size": acc.num_processes}
+    try:
+        if "query" in cfg.phases:
+            t0 = time.time()
+            api = build_victim_api(cfg.victim, cfg.run_dir, device=acc.device)
+            out["query"] = run_query_phase(cfg, api, acc)
+            out["query"]["ledger_spent"] = api.ledger.spent(cfg.victim.user)
+            out["query"]["wall_seconds"] = time.time() - t0
+        if "train" in cfg.phases:
+            out["train"] = run_train_phase(cfg, acc)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        fail(str(e).splitlines()[0])
+    except RuntimeError as e:
+        if type(e).__name__ == "BudgetExceeded":
+            cached = cfg.run_dir / "cache"
+            fail(f"{e}; every response paid for so far is kept in {cached}; raise victim.budget or lower query.num_queries and rerun")
+        raise
+    if acc.is_main_process:
+        (cfg.run_dir / "steal.json").write_text(json.dumps(out, indent=1))
+        print(json.dumps(out, indent=1))
+    acc.end_training()
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Batched image augmentation on tensors (CPU or GPU): one affine grid per sample, no PIL.
+
+All randomness comes from an explicit ``torch.Generator``, so a batch's views are a pure
+function of ``(seed, epoch, rank, batch index)`` -- resume reproduces them exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AugmentConfig", "to_float", "normalize", "augment", "batch_generator"]
+
+
+@dataclass
+class AugmentConfig:
+    """SimSiam-style view parameters (scaled down for small images)."""
+
+    scale_min: float = 0.2
+    scale_max: float = 1.0
+    ratio_min: float = 3 / 4
+    ratio_max: float = 4 / 3
+    flip: bool = True
+    brightness: float = 0.4
+    contrast: float = 0.4
+    jitter_p: float = 0.8
+
+
+def batch_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from integers (e.g. seed, epoch, rank, batch index)."""
+    g = torch.Generator()
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 1) % (2**63 - 1)
+    g.manual_seed(h)
+    return g
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N,C,H,W]`` in 0..255 → float in [0, 1]."""
+    return images.float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean: float | list[float], std: float | list[float]) -> torch.Tensor:
+    """Per-channel standardisation of a float batch."""
+    c = x.shape[1]
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1, 1, 1).expand(c, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(-1, 1, 1).expand(c, 1, 1)
+    return (x - m) / s
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig | None = None) -> torch.Tensor:
+    """Random resized crop + horizontal flip + brightness/contrast jitter of a float batch in [0,1]."""
+    cfg = cfg or AugmentConfig()
+    n, _, h, w = x.shape
+    u = torch.rand(n, 6, generator=gen).to(x.device)
+    area = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * u[:, 0]
+    logr = math.log(cfg.ratio_min) + (math.log(cfg.ratio_max) - math.log(cfg.ratio_min)) * u[:, 1]
+    ar = torch.exp(logr)
+    cw = torch.sqrt(area * ar).clamp(max=1.0)  # crop width as a fraction of the image
+    ch = torch.sqrt(area / ar).clamp(max=1.0)
+    cx = (2 * u[:, 2] - 1) * (1 - cw)  # crop centre in [-1, 1] coordinates
+    cy = (2 * u[:, 3] - 1) * (1 - ch)
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n, device=x.device)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = cw * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = ch
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if cfg.jitter_p > 0 and (cfg.brightness > 0 or cfg.contrast > 0):
+        v = torch.rand(n, 3, generator=gen).to(x.device)
+        on = (v[:, 0] < cfg.jitter_p).to(x.dtype).view(n, 1, 1, 1)
+        b = (1 + cfg.brightness * (2 * v[:, 1] - 1)).view(n, 1, 1, 1)
+        c = (1 + cfg.contrast * (2 * v[:, 2] - 1)).view(n, 1, 1, 1)
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        jittered = ((out * b - mean * b) * c + mean * b).clamp(0, 1)
+        out = on * jittered + (1 - on) * out
+    return out

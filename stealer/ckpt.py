@@ -1,0 +1,95 @@
+"""Atomic checkpoints with a ``latest`` pointer, pruning, and torn-file-tolerant ``resume auto``.
+
+A checkpoint is one ``torch.save`` dict written to ``ckpt-<step>.pt.tmp`` and renamed into
+place; only then is ``latest`` (a one-line text file, itself replaced atomically) updated. On
+resume every candidate is loaded with ``weights_only=True``; one that fails to load (torn by a
+kill, truncated copy) is skipped with a warning and never used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "resolve_resume", "atomic_torch_save"]
+
+log = logging.getLogger(__name__)
+FORMAT = "sslsteal-ckpt/1"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` as checkpoint ``step``, point ``latest`` at it, keep the newest ``keep``."""
+    d = Path(ckpt_dir)
+    path = d / f"ckpt-{step:09d}.pt"
+    atomic_torch_save({"format": FORMAT, **state}, path)
+    _write_text_atomic(d / "latest", path.name + "\n")
+    if keep > 0:
+        for old in sorted(d.glob("ckpt-*.pt"))[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``); one-line ValueError if it is not ours."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} not found; pass an existing file or resume=auto")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"checkpoint {p} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is torn or not a checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {p} is not an sslsteal training checkpoint (format {FORMAT}); pass the run's ckpt folder or resume=none")
+    return state
+
+
+def find_latest(ckpt_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable checkpoint in ``ckpt_dir`` (``latest`` first), or None."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return None
+    candidates: list[Path] = []
+    pointer = d / "latest"
+    if pointer.is_file():
+        candidates.append(d / pointer.read_text().strip())
+    candidates += sorted(d.glob("ckpt-*.pt"), reverse=True)
+    seen = set()
+    for c in candidates:
+        if c in seen or not c.is_file():
+            continue
+        seen.add(c)
+        try:
+            return c, load_checkpoint(c)
+        except ValueError as e:
+            log.warning("skipping checkpoint: %s", e)
+    return None
+
+
+def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """``none`` → None; ``auto`` → newest valid in ckpt_dir (or None); else the given path."""
+    if resume in ("", "none", "no", "false"):
+        return None
+    if resume == "auto":
+        return find_latest(ckpt_dir)
+    return Path(resume), load_checkpoint(resume)

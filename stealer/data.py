@@ -1,0 +1,361 @@
+"""Deterministic, exactly-once streaming of WebDataset shards for any ranks x workers.
+
+The plan of an epoch is computed from the shard manifest alone (per-shard sample counts), so
+every rank and every worker derives the same global picture without talking to each other:
+
+1. the shard order is permuted by ``(seed, epoch)`` (or kept, for the query phase);
+2. the N samples of that virtual sequence are cut into ``world x K`` batches of near-equal size
+   (``K = ceil(N / (world * batch_size))``; sizes differ by at most one and never exceed
+   ``batch_size``), so **every sample is seen exactly once per epoch and every rank runs exactly
+   K steps** -- the DDP hang of unequal batch counts cannot happen. ``drop_last=True`` instead
+   keeps every batch at exactly ``batch_size`` and drops the ``N mod (world*B)`` samples that
+   the shuffle happened to put last;
+3. rank r owns the contiguous batches ``[r*K, (r+1)*K)`` -- it opens only ~1/world of the shards
+   (split by node) -- and splits them into contiguous chunks, one per worker (split by worker);
+4. each worker reads its sample range (skipping, without decoding, the head of its first shard),
+   shuffles raw bytes in a buffer seeded by ``(seed, epoch, rank, worker)``, then decodes;
+5. batches are emitted in a canonical order (round-robin over workers), whatever order the
+   DataLoader workers finish in, and carry their position ``index``: ``iter_epoch(e, start)``
+   resumes an epoch at batch ``start`` and yields exactly what an uninterrupted run would have.
+
+The result depends on ``(seed, epoch, world, workers, batch_size)``; resume with the same ones.
+Do not ``accelerator.prepare()`` the loader: move batches to the device yourself.
+
+Corrupt images are skipped and counted (``batch["corrupt"]``); a truncated shard counts its
+unreadable tail as corrupt instead of shifting every later sample into another batch.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+__all__ = ["ShardSet", "open_shards", "epoch_batches", "ShardStream", "decode_image"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A folder (or URL prefix) of tar shards with their per-shard sample counts."""
+
+    root: str
+    names: tuple[str, ...]
+    counts: tuple[int, ...]
+    manifest: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(self.counts))
+
+    def url(self, i: int) -> str:
+        return os.path.join(self.root, self.names[i])
+
+
+def open_shards(path: str | os.PathLike) -> ShardSet:
+    """Open a shard folder written by ``launch/make_shards.py`` (or a response cache)."""
+    from stealer.shards import read_manifest  # the writer owns the manifest format
+
+    root = os.fspath(path)
+    if not root:
+        raise FileNotFoundError("no shard folder given; set the data path (e.g. data.query=runs/demo/data/animal_mnist/query)")
+    if "://" not in root and not os.path.isdir(root):
+        raise FileNotFoundError(f"shard folder {root} does not exist; make it with: python launch/make_shards.py SOURCE {root}")
+    manifest = read_manifest(root)
+    shards = manifest.get("shards") or []
+    if not shards or sum(int(s["count"]) for s in shards) == 0:
+        raise ValueError(f"shard folder {root} holds no samples (empty manifest); rebuild it with launch/make_shards.py")
+    names = tuple(str(s["name"]) for s in shards)
+    if "://" not in root:
+        for n in names:
+            if not os.path.isfile(os.path.join(root, n)):
+                raise FileNotFoundError(
+                    f"shard {os.path.join(root, n)} listed in the manifest is missing; restore it or rebuild the folder with launch/make_shards.py"
+                )
+    return ShardSet(root, names, tuple(int(s["count"]) for s in shards), manifest)
+
+
+def epoch_batches(num_samples: int, *, world: int, batch_size: int, drop_last: bool = False) -> list[int]:
+    """Sizes of the ``world * K`` global batches of an epoch (rank r owns ``[r*K, (r+1)*K)``)."""
+    if batch_size < 1 or world < 1:
+        raise ValueError(f"batch_size and world size must be >= 1 (got {batch_size}, {world})")
+    if drop_last:
+        k = num_samples // (world * batch_size)
+        if k == 0:
+            raise ValueError(
+                f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world} ranks; lower the batch size or set drop_last=false"
+            )
+        return [batch_size] * (world * k)
+    if num_samples < world:
+        raise ValueError(f"{num_samples} samples cannot be split over {world} ranks")
+    k = math.ceil(num_samples / (world * batch_size))
+    total = world * k
+    base, extra = divmod(num_samples, total)
+    return [base + 1 if i < extra else base for i in range(total)]
+
+
+def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
+    """Split range(n) into ``parts`` contiguous (start, stop) pieces of near-equal length."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def _round_robin(counts: list[int]) -> list[tuple[int, int]]:
+    """Canonical emission order: (worker, local batch) round-robin, skipping exhausted workers."""
+    order, i = [], 0
+    while len(order) < sum(counts):
+        for w, c in enumerate(counts):
+            if i < c:
+                order.append((w, i))
+        i += 1
+    return order
+
+
+def decode_image(data: bytes, channels: int, size: int | None) -> torch.Tensor:
+    """Decode image bytes to uint8 ``[C, size, size]`` (shorter side resized, centre-cropped)."""
+    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    from torchvision.transforms.v2 import functional as F
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    if size is not None and tuple(img.shape[-2:]) != (size, size):
+        img = F.resize(img, size, antialias=True)
+        img = F.center_crop(img, [size, size])
+    return img
+
+
+def _iter_shard(url: str, expected: int) -> Iterator[dict | None]:
+    """Raw samples (dicts of bytes) of one shard; a truncated tail yields ``None`` placeholders."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    n = 0
+    try:
+        for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}]))):
+            if n >= expected:
+                break
+            n += 1
+            yield sample
+    except Exception as e:  # noqa: BLE001 - any tar/IO failure: count the rest as corrupt
+        log.warning("shard %s unreadable after %d of %d samples (%s); the rest are counted as corrupt", url, n, expected, e)
+    for _ in range(expected - n):
+        yield None
+
+
+@dataclass
+class _Spec:
+    """Everything a worker needs to produce its batches (picklable)."""
+
+    shards: ShardSet
+    sizes: list[int]  # global batch sizes of the epoch
+    order: list[int]  # shard order of the epoch
+    rank: int
+    world: int
+    streams: int
+    seed: int
+    epoch: int
+    shuffle_buffer: int
+    channels: int
+    image_size: int | None
+    start_batch: int
+    keep_bytes: bool = False
+
+
+def _stream_batches(spec: _Spec, stream: int) -> Iterator[dict[str, Any]]:
+    """Batches of one stream (worker) in its local order, tagged with their canonical index."""
+    k = len(spec.sizes) // spec.world
+    rank_sizes = spec.sizes[spec.rank * k : (spec.rank + 1) * k]
+    rank_start = sum(spec.sizes[: spec.rank * k])
+    chunks = _chunks(k, spec.streams)
+    counts = [b - a for a, b in chunks]
+    canon = {wl: i for i, wl in enumerate(_round_robin(counts))}
+    a, b = chunks[stream]
+    if a == b:
+        return
+    my_sizes = rank_sizes[a:b]
+    first = rank_start + sum(rank_sizes[:a])
+    last = first + sum(my_sizes)
+
+    def raw() -> Iterator[dict | None]:
+        pos = 0
+        for si in spec.order:
+            c = spec.shards.counts[si]
+            lo, hi = max(first, pos), min(last, pos + c)
+            if lo < hi:
+                for j, s in enumerate(_iter_shard(spec.shards.url(si), c)):
+                    if j >= hi - pos:
+                        break
+                    if j >= lo - pos:
+                        yield s
+            pos += c
+            if pos >= last:
+                break
+
+    def shuffled(it: Iterator[dict | None]) -> Iterator[dict | None]:
+        if spec.shuffle_buffer <= 1:
+            yield from it
+            return
+        rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, stream, 7])
+        buf: list = []
+        for s in it:
+            if len(buf) < spec.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = int(rng.integers(len(buf)))
+            buf[j], s = s, buf[j]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    it = shuffled(raw())
+    for local, size in enumerate(my_sizes):
+        samples = [next(it) for _ in range(size)]
+        index = canon[(stream, local)]
+        if index < spec.start_batch:
+            continue  # resumed: consumed before the interruption (read, never decoded)
+        yield _collate(samples, index, spec.channels, spec.image_size, spec.keep_bytes)
+
+
+def _collate(samples: list[dict | None], index: int, channels: int, size: int | None, keep_bytes: bool = False) -> dict[str, Any]:
+    images, labels, keys, responses, raw = [], [], [], [], []
+    corrupt = 0
+    for s in samples:
+        if s is None:
+            corrupt += 1
+            continue
+        ext = next((e for e in IMAGE_EXTS if e in s), None)
+        try:
+            if ext is None:
+                raise ValueError("no image field")
+            img = decode_image(s[ext], channels, size)
+            resp = None
+            if "npy" in s:
+                resp = torch.from_numpy(np.load(io.BytesIO(s["npy"]), allow_pickle=False).astype(np.float32))
+        except Exception as e:  # noqa: BLE001 - a corrupt sample is skipped and counted, never fatal
+            log.warning("skipping corrupt sample %s (%s)", s.get("__key__"), e)
+            corrupt += 1
+            continue
+        images.append(img)
+        labels.append(int(s["cls"]) if "cls" in s else -1)
+        keys.append(str(s["__key__"]))
+        if keep_bytes:
+            raw.append((ext, bytes(s[ext])))
+        if resp is not None:
+            responses.append(resp)
+    batch: dict[str, Any] = {
+        "index": index,
+        "key": keys,
+        "label": torch.tensor(labels, dtype=torch.long),
+        "corrupt": corrupt,
+        "image": torch.stack(images) if images else torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8),
+    }
+    if keep_bytes:
+        batch["bytes"] = raw
+    if responses:
+        if len(responses) != len(images):
+            raise ValueError(f"batch {index}: some samples carry a response and some do not; the cache is inconsistent")
+        batch["response"] = torch.stack(responses)
+    return batch
+
+
+class _WorkerDataset(IterableDataset):
+    def __init__(self, spec: _Spec) -> None:
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        torch.set_num_threads(1)
+        yield from _stream_batches(self.spec, 0 if info is None else info.id)
+
+
+class ShardStream:
+    """Epochs of batches from a ShardSet for one rank; see the module docstring.
+
+    Args:
+        shards: the ShardSet to read.
+        batch_size: the largest local batch (per rank).
+        rank, world: this process and the number of processes.
+        seed: base of every random choice (shard order, shuffle buffers).
+        shuffle: permute shards per epoch and shuffle samples in a buffer.
+        workers: DataLoader worker processes (0 = read in this process).
+        channels, image_size: decode target (uint8 ``[C, S, S]``).
+        limit: use only the first ``limit`` samples of the (permuted) sequence.
+        keep_bytes: also return the undecoded ``(ext, bytes)`` of each image (for caches).
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        workers: int = 0,
+        shuffle_buffer: int = 1000,
+        channels: int = 3,
+        image_size: int | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        limit: int | None = None,
+        keep_bytes: bool = False,
+    ) -> None:
+        self.shards, self.batch_size, self.rank, self.world = shards, batch_size, rank, world
+        self.seed, self.shuffle, self.workers = seed, shuffle, workers
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.channels, self.image_size, self.drop_last, self.pin_memory = channels, image_size, drop_last, pin_memory
+        self.keep_bytes = keep_bytes
+        n = shards.num_samples if limit is None else min(int(limit), shards.num_samples)
+        self._sizes = epoch_batches(n, world=world, batch_size=batch_size, drop_last=drop_last)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return len(self._sizes) // self.world
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(self._sizes)
+
+    def _spec(self, epoch: int, start_batch: int) -> _Spec:
+        order = list(range(len(self.shards.names)))
+        if self.shuffle:
+            order = [int(i) for i in np.random.default_rng([self.seed, epoch, 3]).permutation(len(order))]
+        streams = max(1, self.workers)
+        return _Spec(self.shards, self._sizes, order, self.rank, self.world, streams, self.seed, epoch,
+                     self.shuffle_buffer, self.channels, self.image_size, start_batch, self.keep_bytes)
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        """Yield this rank's batches of ``epoch`` in canonical order, from ``start_batch`` on."""
+        spec = self._spec(epoch, start_batch)
+        if self.workers == 0:
+            gen = _stream_batches(spec, 0)
+            source: Iterator[dict[str, Any]] = gen
+        else:
+            loader = DataLoader(
+                _WorkerDataset(spec), batch_size=None, num_workers=self.workers,
+                pin_memory=self.pin_memory, prefetch_factor=2, persistent_workers=False,
+            )
+            source = iter(loader)
+        pending: dict[int, dict[str, Any]] = {}
+        nxt = start_batch
+        for batch in source:
+            pending[batch["index"]] = batch
+            while nxt in pending:
+                yield pending.pop(nxt)
+                nxt += 1
+        if pending or nxt != len(self):
+            raise RuntimeError(f"stream ended at batch {nxt} of {len(self)} with {len(pending)} out of order; this is a bug")

@@ -1,0 +1,151 @@
+"""Train a SimSiam victim on shards (the seeds train their victims themselves).
+
+Lives in the engine (it reuses the stream, augmentations, optimizer and checkpoints); the
+result is written in the OFFICIAL facebookresearch/simsiam checkpoint format, so the victim
+side loads it exactly as it would load the released ImageNet ResNet-50.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stealer.augment import augment, batch_generator, normalize
+from stealer.ckpt import resolve_resume, save_checkpoint
+from stealer.config import choice, to_dict
+from stealer.data import ShardStream, open_shards
+from stealer.optim import build_optimizer, build_schedule
+from victims.simsiam import SimSiam, save_simsiam_checkpoint, simsiam_loss
+
+__all__ = ["VictimTrainConfig", "train_simsiam_victim"]
+
+
+@dataclass
+class VictimModelConfig:
+    arch: str = "resnet18"
+    width: int = 32
+    stem: str = "small"
+    dim: int = 512  # projector output (2048 for the official ResNet-50)
+    pred_dim: int = 128  # predictor bottleneck (512 officially)
+
+
+@dataclass
+class VictimTrainConfig:
+    name: str = "victim"
+    out_dir: str = "runs"
+    seed: int = 0
+    cpu: bool = False
+    resume: str = "auto"
+    train_data: str = "runs/demo/data/animal_mnist/victim_train"
+    image_size: int = 32
+    channels: int = 1
+    workers: int = 0
+    model: VictimModelConfig = field(default_factory=VictimModelConfig)
+    epochs: int = 40
+    batch_size: int = 256  # per rank
+    lr: float = 0.05  # base lr, scaled by global batch / 256 (SimSiam)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    fix_pred_lr: bool = True
+    warmup_epochs: float = 0.0
+    mixed_precision: str = "no"
+    ckpt_every: int = 200
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def validate(self) -> None:
+        choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
+
+
+def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:
+    """SimSiam pre-training; returns the path of ``checkpoint.pth.tar`` (official format)."""
+    from tqdm.auto import tqdm
+
+    acc = accelerator
+    rank, world = acc.process_index, acc.num_processes
+    run = cfg.run_dir
+    if acc.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+    stream = ShardStream(open_shards(cfg.train_data), batch_size=cfg.batch_size, rank=rank, world=world, seed=cfg.seed,
+                         workers=cfg.workers, channels=cfg.channels, image_size=cfg.image_size, drop_last=False)
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    model = SimSiam(m.arch, dim=m.dim, pred_dim=m.pred_dim, in_chans=cfg.channels, width=m.width, stem=m.stem)
+    if world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SimSiam needs SyncBN across ranks
+    lr = cfg.lr * cfg.batch_size * world / 256
+    opt = build_optimizer("sgd", model, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    if cfg.fix_pred_lr:  # the official recipe keeps the predictor at a constant lr
+        opt.param_groups[:] = _split_predictor_groups(opt, {id(p) for p in model.predictor.parameters()})
+    total = len(stream) * cfg.epochs
+    sched = build_schedule(opt, total, int(cfg.warmup_epochs * len(stream)))
+    mean, std = [0.5] * cfg.channels, [0.25] * cfg.channels
+    epoch, start_batch, step = 0, 0, 0
+    found = resolve_resume(cfg.resume, run / "ckpt")
+    if found is not None:
+        _, state = found
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+    ddp, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(ddp)
+    bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="victim", dynamic_ncols=True)
+    t0 = time.time()
+    while epoch < cfg.epochs:
+        for batch in stream.iter_epoch(epoch, start_batch):
+            x = batch["image"].to(acc.device).float().div_(255.0)
+            g = batch_generator(cfg.seed, epoch, rank, batch["index"])
+            x1 = normalize(augment(x, g), mean, std)
+            x2 = normalize(augment(x, g), mean, std)
+            with acc.autocast():
+                p1, p2, z1, z2 = ddp(x1, x2)
+            loss = simsiam_loss(p1.float(), p2.float(), z1.float(), z2.float())
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            sched.step()
+            for grp in opt.param_groups:
+                if grp.get("fix_lr"):
+                    grp["lr"] = lr
+            step += 1
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if acc.is_main_process:
+                    with open(run / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(), "seconds": time.time() - t0}) + "\n")
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and acc.is_main_process:
+                save_checkpoint(run / "ckpt", step, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                                                     "scheduler": sched.state_dict(), "epoch": epoch,
+                                                     "batch": batch["index"] + 1, "step": step, "config": to_dict(cfg)})
+        epoch, start_batch = epoch + 1, 0
+    bar.close()
+    path = run / "checkpoint.pth.tar"
+    if acc.is_main_process:
+        extra = {"arch": m.arch, "width": m.width, "stem": m.stem, "in_chans": cfg.channels,
+                 "image_size": cfg.image_size, "mean": mean, "std": std, "dim": m.dim, "pred_dim": m.pred_dim,
+                 "steps": step, "seconds": time.time() - t0}
+        save_simsiam_checkpoint(raw, path, epoch=epoch, arch=m.arch, optimizer=opt, extra=extra)
+    acc.wait_for_everyone()
+    return path
+
+
+def _split_predictor_groups(opt: torch.optim.Optimizer, pred: set[int]) -> list[dict]:
+    """Move predictor params into their own groups (flagged ``fix_lr``) keeping decay settings."""
+    groups = []
+    for g in opt.param_groups:
+        own = [p for p in g["params"] if id(p) in pred]
+        rest = [p for p in g["params"] if id(p) not in pred]
+        for params, fix in ((rest, False), (own, True)):
+            if params:
+                ng = {k: v for k, v in g.items() if k != "params"}
+                ng.update(params=params, fix_lr=fix)
+                groups.append(ng)
+    return groups

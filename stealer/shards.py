@@ -1,0 +1,701 @@
+"""Write image datasets as WebDataset shards in the ``sslsteal-shards/1`` format.
+
+A shard folder holds ``{prefix}-{i:06d}.tar`` files and a ``manifest.json``.
+Each sample in a tar is three members sharing one key::
+
+    animal_mnist-000123.png   the image (PNG, mode L or RGB)  -- or .jpg for copied JPEGs
+    animal_mnist-000123.cls   the class index as ASCII decimal text
+
+Keys are unique across the whole set (and, for the sets written here, across all
+splits cut from one source, because they carry the source's own index).
+The manifest::
+
+    {"format": "sslsteal-shards/1", "source": str, "num_samples": int,
+     "classes": [names in index order], "channels": 1 | 3,
+     "image_size": [H, W] or null if mixed, "image_ext": "png" | "jpg",
+     "shards": [{"name": "train-000000.tar", "count": int}, ...],
+     "skipped": int, "created": ISO-8601 time}
+
+is written last and atomically (temporary file + ``os.replace``), and each tar is
+first written under a hidden temporary name and renamed into place, so a folder
+without ``manifest.json`` is an unfinished set. Tar headers carry a fixed mtime,
+uid/gid 0 and no user names, so the same samples give byte-identical shards.
+
+Sources (used by ``launch/make_shards.py``): arrays (:func:`array_samples`), a
+``.npz`` (:func:`load_npz`), an image-folder tree (:class:`ImageFolderSource`) and
+the built-in datasets (:func:`build_default_data`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from stealer.datasets import DEFAULT_SPLITS, load_builtin, split_indices
+
+__all__ = [
+    "FORMAT",
+    "IMAGE_EXTENSIONS",
+    "MANIFEST_NAME",
+    "ImageFolderSource",
+    "ShardSourceError",
+    "ShardWarning",
+    "SkipCounter",
+    "array_layout",
+    "array_samples",
+    "build_default_data",
+    "encode_png",
+    "load_npz",
+    "read_manifest",
+    "write_manifest",
+    "resize_array",
+    "sanitize_key_prefix",
+    "write_shards",
+]
+
+FORMAT = "sslsteal-shards/1"
+MANIFEST_NAME = "manifest.json"
+#: File suffixes (lower case) treated as images in an image-folder source.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+_TAR_MTIME = 0
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+#: One sample: (key, encoded image bytes, "png" | "jpg", class index).
+Sample = tuple[str, bytes, str, int]
+
+
+class ShardSourceError(ValueError):
+    """A source (folder, npz, builtin name) cannot be turned into shards; the message says why and how to fix it."""
+
+
+class ShardWarning(UserWarning):
+    """Something was skipped while writing shards (e.g. an unreadable image)."""
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Encode a ``uint8`` image array as PNG bytes.
+
+    Args:
+        array: ``[H, W]`` or ``[H, W, 1]`` (stored as mode L) or ``[H, W, 3]`` (RGB).
+
+    Returns:
+        PNG bytes (no timestamps or other metadata, so encoding is deterministic).
+
+    Raises:
+        ValueError: wrong dtype or shape.
+    """
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"encode_png needs uint8 pixels, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"encode_png needs an [H, W] or [H, W, 3] array, got shape {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def resize_array(array: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
+    """Resize a ``uint8`` ``[H, W]`` / ``[H, W, 3]`` image to ``size`` (``S`` or ``(H, W)``) with PIL bilinear.
+
+    The channel count is kept; ``None`` or an equal size returns the input unchanged.
+    """
+    if size is None:
+        return array
+    h, w = (size, size) if isinstance(size, int) else size
+    if array.shape[:2] == (h, w):
+        return array
+    squeeze = array.ndim == 3 and array.shape[2] == 1
+    src = array[:, :, 0] if squeeze else array
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((w, h), Image.Resampling.BILINEAR))
+    return out[:, :, None] if squeeze else out
+
+
+def sanitize_key_prefix(name: str) -> str:
+    """Turn a source name into a key prefix that WebDataset groups correctly (no dots, no leading ``_``)."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")
+    return clean or "img"
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(
+            f"bad sample key {key!r}: keys must start with a letter or digit and contain only "
+            "letters, digits, '_' and '-' (a '.' would split the key in WebDataset)"
+        )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = _TAR_MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+_SHARD_NAME_RE_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _shard_name_re(prefix: str) -> re.Pattern[str]:
+    if prefix not in _SHARD_NAME_RE_CACHE:
+        _SHARD_NAME_RE_CACHE[prefix] = re.compile(rf"^{re.escape(prefix)}-\d{{6,}}\.tar$")
+    return _SHARD_NAME_RE_CACHE[prefix]
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: str | os.PathLike[str],
+    *,
+    prefix: str = "train",
+    samples_per_shard: int = 1000,
+    source: str,
+    classes: Sequence[str],
+    channels: int,
+    image_size: Sequence[int] | None,
+    skipped: int | Callable[[], int] = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Write ``samples`` as WebDataset tar shards plus ``manifest.json`` into ``out_dir``.
+
+    Args:
+        samples: ``(key, image_bytes, ext, cls)`` tuples; keys unique and made of
+            letters, digits, ``_``, ``-``; ``ext`` ``"png"`` or ``"jpg"`` (one
+            extension for the whole set); ``0 <= cls < len(classes)``.
+        out_dir: target folder (created if needed).
+        prefix: shard file prefix: ``{prefix}-{i:06d}.tar``.
+        samples_per_shard: samples per tar (the last one may hold fewer).
+        source: free-text provenance stored in the manifest.
+        classes: class names in index order.
+        channels: 1 or 3 -- what the images decode to.
+        image_size: ``[H, W]`` when every image has that size, else ``None``.
+        skipped: number of source items left out, or a zero-argument callable
+            read after ``samples`` is exhausted (for sources that skip as they go).
+        overwrite: replace an existing set in ``out_dir``; otherwise an existing
+            ``manifest.json`` is a ``FileExistsError``.
+
+    Returns:
+        The manifest dict (also written to ``out_dir/manifest.json``, last).
+
+    Raises:
+        FileExistsError: ``out_dir`` already holds a set and ``overwrite`` is false.
+        ValueError: bad arguments, a bad or duplicate key, mixed extensions, a
+            class index out of range, or no samples at all.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", prefix):
+        raise ValueError(f"bad shard prefix {prefix!r}: use letters, digits, '_' and '-'")
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise ValueError("classes must not be empty")
+    if image_size is not None:
+        image_size = [int(image_size[0]), int(image_size[1])]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a shard set ({MANIFEST_NAME}); choose another folder or overwrite it"
+            )
+        manifest_path.unlink()  # from here on the folder is an unfinished set
+    name_re = _shard_name_re(prefix)
+    for old in out.iterdir():
+        if name_re.match(old.name):
+            old.unlink()
+
+    shards: list[dict] = []
+    seen: set[str] = set()
+    set_ext: str | None = None
+    tar: tarfile.TarFile | None = None
+    fh = None
+    tmp_path: Path | None = None
+    count = 0
+
+    def close_shard() -> None:
+        nonlocal tar, fh, tmp_path, count
+        assert tar is not None and fh is not None and tmp_path is not None
+        tar.close()
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        name = f"{prefix}-{len(shards):06d}.tar"
+        os.replace(tmp_path, out / name)
+        shards.append({"name": name, "count": count})
+        tar, fh, tmp_path, count = None, None, None, 0
+
+    try:
+        for key, data, ext, cls in samples:
+            _check_key(key)
+            if key in seen:
+                raise ValueError(f"duplicate sample key {key!r}")
+            seen.add(key)
+            if ext not in ("png", "jpg"):
+                raise ValueError(f"sample {key!r}: image extension must be 'png' or 'jpg', got {ext!r}")
+            if set_ext is None:
+                set_ext = ext
+            elif ext != set_ext:
+                raise ValueError(f"sample {key!r} is {ext!r} but the set is {set_ext!r}: one extension per set")
+            cls = int(cls)
+            if not 0 <= cls < len(classes):
+                raise ValueError(f"sample {key!r}: class index {cls} outside 0..{len(classes) - 1}")
+            if not isinstance(data, (bytes, bytearray)) or not data:
+                raise ValueError(f"sample {key!r}: image must be non-empty bytes")
+            if tar is None:
+                tmp_path = out / f".{prefix}-{len(shards):06d}.tar.{os.getpid()}.tmp"
+                fh = open(tmp_path, "wb")
+                tar = tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT)
+            _tar_add(tar, f"{key}.{ext}", bytes(data))
+            _tar_add(tar, f"{key}.cls", str(cls).encode("ascii"))
+            count += 1
+            if count == samples_per_shard:
+                close_shard()
+        if tar is not None:
+            close_shard()
+    except BaseException:
+        if tar is not None:
+            tar.close()
+        if fh is not None:
+            fh.close()
+        if tmp_path is not None and tmp_path.exists():
+            tmp_path.unlink()
+        raise
+
+    if not shards:
+        raise ValueError(f"no samples to write to {out}")
+    manifest = {
+        "format": FORMAT,
+        "source": str(source),
+        "num_samples": sum(s["count"] for s in shards),
+        "classes": classes,
+        "channels": int(channels),
+        "image_size": image_size,
+        "image_ext": set_ext,
+        "shards": shards,
+        "skipped": int(skipped() if callable(skipped) else skipped),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: dict) -> Path:
+    """Write ``directory/manifest.json`` atomically (for sets written by other code, e.g. caches)."""
+    path = Path(directory) / MANIFEST_NAME
+    _write_json_atomic(path, manifest)
+    return path
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict:
+    """Read and check ``directory/manifest.json`` (a ``manifest.json`` path is accepted too).
+
+    Raises:
+        FileNotFoundError: there is no manifest (not a shard folder, or an unfinished one).
+        ValueError: the manifest is not valid JSON or not in the ``sslsteal-shards/1`` format.
+    """
+    path = Path(directory)
+    if path.name != MANIFEST_NAME or path.is_dir():
+        path = path / MANIFEST_NAME
+    folder = path.parent
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} in {folder}: not a shard folder; make one with "
+            f"python launch/make_shards.py SOURCE {folder}"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); rebuild the set with python launch/make_shards.py") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path} has format {got!r}, expected {FORMAT!r}")
+    return manifest
+
+
+# --------------------------------------------------------------------------- array sources
+
+
+def array_samples(
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: Iterable[int] | None = None,
+    *,
+    key_prefix: str,
+    image_size: int | tuple[int, int] | None = None,
+) -> Iterator[Sample]:
+    """Yield ``(key, png_bytes, "png", cls)`` for ``images[indices]``.
+
+    Keys are ``{key_prefix}-{index:06d}`` with the index into ``images``, so
+    samples cut from one array into several splits never share a key.
+    ``image_size`` resizes with PIL bilinear, keeping the channel count.
+    """
+    n = images.shape[0]
+    width = max(6, len(str(max(n - 1, 0))))
+    idx = range(n) if indices is None else indices
+    for i in idx:
+        i = int(i)
+        img = resize_array(images[i], image_size)
+        yield f"{key_prefix}-{i:0{width}d}", encode_png(img), "png", int(labels[i])
+
+
+def array_layout(images: np.ndarray, what: str) -> tuple[np.ndarray, int]:
+    """Check an image stack and return it as NHW / NHW3 with its channel count."""
+    if images.dtype != np.uint8:
+        raise ShardSourceError(f"{what}: images must be uint8, got {images.dtype}; convert with images.astype(np.uint8)")
+    if images.ndim == 4 and images.shape[3] == 1:
+        images = images[..., 0]
+    if images.ndim == 3:
+        return images, 1
+    if images.ndim == 4 and images.shape[3] == 3:
+        return images, 3
+    raise ShardSourceError(f"{what}: images must be N x H x W or N x H x W x 3, got shape {images.shape}")
+
+
+def load_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Load ``images`` (uint8 NHW / NHWC) and ``labels`` (integers) from a ``.npz``.
+
+    An optional ``classes`` array (strings) names the classes; otherwise they are
+    ``"0" .. str(max label)``. Pickled objects are never loaded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ShardSourceError: unreadable file, missing keys, or bad shapes/dtypes.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"source {p} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            missing = [k for k in ("images", "labels") if k not in keys]
+            if missing:
+                raise ShardSourceError(
+                    f"{p} has no {' / '.join(missing)} array (it has: {', '.join(sorted(keys)) or 'nothing'}); "
+                    "save it with np.savez(path, images=uint8 NHW or NHWC, labels=int [N])"
+                )
+            images = npz["images"]
+            labels = npz["labels"]
+            classes_arr = npz["classes"] if "classes" in keys else None
+    except ShardSourceError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise ShardSourceError(f"cannot read {p} as .npz ({exc}); write it with np.savez") from None
+    images, _ = array_layout(images, str(p))
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or (labels.size and labels.dtype.kind not in "iu"):
+        raise ShardSourceError(
+            f"{p}: labels must be {images.shape[0]} integers (one per image), got {labels.dtype} {labels.shape}"
+        )
+    labels = labels.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise ShardSourceError(f"{p}: labels must be non-negative class indices")
+    n_cls = int(labels.max()) + 1 if labels.size else 0
+    if classes_arr is not None:
+        classes = [str(c) for c in np.asarray(classes_arr).reshape(-1)]
+        if len(classes) < n_cls:
+            raise ShardSourceError(f"{p}: 'classes' names {len(classes)} classes but labels go up to {n_cls - 1}")
+    else:
+        classes = [str(i) for i in range(n_cls)]
+    return images, labels, classes
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+@dataclass
+class SkipCounter:
+    """A mutable count of skipped items, read by :func:`write_shards` once a source is exhausted."""
+
+    n: int = 0
+
+    def __call__(self) -> int:
+        """Return the count (so the counter itself can be passed as ``skipped=``)."""
+        return self.n
+
+
+@dataclass
+class ImageFolderSource:
+    """An image-folder tree ``root/<class>/**/<image>`` scanned into a list of files.
+
+    Class names are the sorted sub-folder names of ``root`` (index = position).
+    Files with an image suffix are found recursively (sorted; hidden files and
+    other suffixes ignored) and their headers read once to learn format, mode and
+    size. A file whose header PIL cannot read stays in :attr:`files` (so it
+    belongs to exactly one split) but is marked bad, warned about once
+    (:class:`ShardWarning`) and counted as skipped by :meth:`samples`; files that
+    fail to decode there are skipped and counted the same way. Pixels are only
+    decoded in :meth:`samples`.
+
+    Encoding rule (one extension per set): if no resize is asked for and every
+    readable image is a JPEG, the JPEG bytes are copied as they are (a JPEG whose
+    mode is not the set's -- e.g. a grey or CMYK one in an RGB set -- is
+    converted and re-encoded as JPEG quality 95); otherwise every image is
+    stored as PNG. The set is 1-channel if every image is greyscale, else RGB
+    (alpha dropped). ``image_size`` resizes to ``S x S`` (PIL bilinear, no crop).
+    """
+
+    root: Path
+    image_size: int | None = None
+    classes: list[str] = field(default_factory=list)
+    files: list[tuple[Path, int]] = field(default_factory=list)
+    bad: set[int] = field(default_factory=set)
+    channels: int = 3
+    image_ext: str = "png"
+    native_size: list[int] | None = None
+
+    @classmethod
+    def scan(cls, root: str | os.PathLike[str], image_size: int | None = None) -> ImageFolderSource:
+        """Scan ``root``; raise ``FileNotFoundError``/``ShardSourceError`` (one line) if it is unusable."""
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"source {root} does not exist")
+        if not root.is_dir():
+            raise ShardSourceError(
+                f"source {root} is not a folder, .npz or builtin:NAME; give an image-folder tree root/<class>/<image>"
+            )
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not class_dirs:
+            hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+            raise ShardSourceError(f"{root} has no class sub-folders{hint}; put the images in {root}/<class name>/")
+        if loose:
+            warnings.warn(
+                f"ignoring {len(loose)} images directly in {root} (not in a class folder)", ShardWarning, stacklevel=2
+            )
+        src = cls(root=root, image_size=image_size, classes=[d.name for d in class_dirs])
+        sizes: set[tuple[int, int]] = set()
+        modes: set[str] = set()
+        formats: set[str] = set()
+        empty: list[Path] = []
+        for ci, cdir in enumerate(class_dirs):
+            found = 0
+            for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for fname in sorted(filenames):
+                    path = Path(dirpath) / fname
+                    if fname.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    src.files.append((path, ci))
+                    try:
+                        with Image.open(path) as im:
+                            fmt, mode, (w, h) = im.format or "", im.mode, im.size
+                    except _DECODE_ERRORS as exc:
+                        src.bad.add(len(src.files) - 1)
+                        _warn_skip(path, exc)
+                        continue
+                    formats.add(fmt)
+                    sizes.add((h, w))
+                    modes.add(mode)
+                    found += 1
+            if found == 0:
+                empty.append(cdir)
+        if len(src.files) == len(src.bad):
+            what = "readable images" if src.files else "images"
+            raise ShardSourceError(
+                f"no {what} under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in its class folders)"
+            )
+        for cdir in empty:
+            warnings.warn(
+                f"class folder {cdir} holds no readable images (its class index is kept)", ShardWarning, stacklevel=2
+            )
+        src.channels = 1 if modes <= _GREY_MODES else 3
+        src.image_ext = "jpg" if (image_size is None and formats == {"JPEG"}) else "png"
+        if image_size is not None:
+            src.native_size = [int(image_size), int(image_size)]
+        elif len(sizes) == 1:
+            h, w = next(iter(sizes))
+            src.native_size = [h, w]
+        return src
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class index of every scanned file (readable or not), in file order."""
+        return np.array([c for _, c in self.files], dtype=np.int64)
+
+    def samples(
+        self,
+        indices: Iterable[int] | None = None,
+        *,
+        key_prefix: str | None = None,
+        skipped: SkipCounter | None = None,
+    ) -> Iterator[Sample]:
+        """Decode and yield ``(key, bytes, ext, cls)`` for the files at ``indices`` (all by default).
+
+        Keys are ``{key_prefix}-{file index:06d}`` (``key_prefix`` defaults to the
+        sanitised folder name). Bad files and files that fail to decode are left
+        out and counted in ``skipped``.
+        """
+        prefix = sanitize_key_prefix(key_prefix or self.root.resolve().name)
+        counter = skipped if skipped is not None else SkipCounter()
+        n = len(self.files)
+        width = max(6, len(str(max(n - 1, 0))))
+        want_mode = "L" if self.channels == 1 else "RGB"
+        for i in range(n) if indices is None else indices:
+            i = int(i)
+            if i in self.bad:
+                counter.n += 1
+                continue
+            path, cls = self.files[i]
+            try:
+                data = self._encode(path, want_mode)
+            except _DECODE_ERRORS as exc:
+                self.bad.add(i)
+                counter.n += 1
+                _warn_skip(path, exc)
+                continue
+            yield f"{prefix}-{i:0{width}d}", data, self.image_ext, cls
+
+    def _encode(self, path: Path, want_mode: str) -> bytes:
+        raw = path.read_bytes()
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            if self.image_ext == "jpg" and im.format == "JPEG" and im.mode == want_mode:
+                return raw
+            conv = im.convert(want_mode)
+        if self.image_size is not None:
+            conv = conv.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        if self.image_ext == "jpg":
+            conv.save(buf, format="JPEG", quality=95)
+        else:
+            conv.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _warn_skip(path: Path, exc: BaseException) -> None:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    warnings.warn(f"skipping unreadable image {path} ({text})", ShardWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- default data
+
+
+def _source_name(builtin: str, split: str | None) -> str:
+    return f"builtin:{builtin}" + (f" split={split}" if split else "")
+
+
+def build_default_data(
+    out_root: str | os.PathLike[str],
+    seed: int = 0,
+    image_size: int | None = 32,
+    samples_per_shard: int = 1000,
+    *,
+    sizes: Mapping[str, Mapping[str, int]] | None = None,
+    prefix: str = "train",
+) -> dict[str, Path]:
+    """Write the default experiment data as one shard folder per split, skipping finished ones.
+
+    Layout: ``out_root/animal_mnist/{victim_train,query,probe_train,probe_test}``
+    and ``out_root/digits/{probe_train,probe_test}`` (see
+    :data:`stealer.datasets.DEFAULT_SPLITS`): disjoint, class-stratified splits
+    drawn with ``seed``, images resized to ``image_size`` x ``image_size``
+    (PIL bilinear, 1 channel kept; ``None`` keeps the native size), keys
+    ``{dataset}-{index:06d}`` so keys never repeat across splits.
+
+    A split whose ``manifest.json`` already exists is left alone (a dataset whose
+    splits all exist is not even loaded). Each split is written into a hidden
+    temporary folder and renamed into place, so concurrent callers (e.g. several
+    ranks) never see or produce a half-written split.
+
+    Args:
+        out_root: root folder.
+        seed: split seed.
+        image_size: output side length, or ``None`` for the native size.
+        samples_per_shard: samples per tar.
+        sizes: per-dataset split sizes overriding :data:`DEFAULT_SPLITS`
+            (e.g. tiny splits for tests); datasets not named keep the defaults.
+        prefix: shard file prefix.
+
+    Returns:
+        ``"{dataset}/{split}"`` -> split folder, for every split.
+    """
+    root = Path(out_root)
+    plan = {name: dict(splits) for name, splits in DEFAULT_SPLITS.items()}
+    for name, splits in (sizes or {}).items():
+        if name not in plan:
+            raise ValueError(f"sizes names unknown dataset {name!r}; choose from {', '.join(plan)}")
+        plan[name] = dict(splits)
+    result: dict[str, Path] = {}
+    for name, splits in plan.items():
+        dirs = {split: root / name / split for split in splits}
+        result.update({f"{name}/{split}": d for split, d in dirs.items()})
+        todo = [split for split, d in dirs.items() if not (d / MANIFEST_NAME).is_file()]
+        if not todo:
+            continue
+        images, labels, classes = load_builtin(name)
+        images, channels = array_layout(images, f"builtin:{name}")
+        index_sets = split_indices(labels, splits, seed)
+        out_size = [image_size, image_size] if image_size is not None else list(images.shape[1:3])
+        for split in todo:
+            final = dirs[split]
+            tmp = final.parent / f".{split}.{os.getpid()}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            write_shards(
+                array_samples(images, labels, index_sets[split], key_prefix=name, image_size=image_size),
+                tmp,
+                prefix=prefix,
+                samples_per_shard=samples_per_shard,
+                source=_source_name(name, split) + f" seed={seed}",
+                classes=classes,
+                channels=channels,
+                image_size=out_size,
+            )
+            _move_into_place(tmp, final)
+    return result
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename a finished split folder to ``final`` unless another writer got there first."""
+    if (final / MANIFEST_NAME).is_file():
+        shutil.rmtree(tmp)  # someone else finished it meanwhile
+        return
+    if final.exists():
+        shutil.rmtree(final)  # leftovers of an unfinished set (no manifest)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if (final / MANIFEST_NAME).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise

@@ -1,0 +1,281 @@
+"""The steal: a query phase that pays for each image once, then a train phase on the cache.
+
+``run_query_phase`` streams the attacker's query shards (split over ranks), skips every key the
+response cache already holds, sends the rest to the victim (any object with
+``query(uint8 images, user) -> reps`` and ``describe()``: the in-process ``VictimAPI`` or an
+HTTP client) and writes responses back as shards. ``run_train_phase`` trains a
+``StolenEncoder`` on those cached responses with a registered loss (InfoNCE negatives gathered
+across ranks with gradient), LARS, warmup + cosine, under accelerate; it checkpoints
+atomically every N steps and resumes exactly from ``resume=auto``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from stealer.augment import augment, batch_generator, normalize
+from stealer.cache import ResponseCache
+from stealer.ckpt import resolve_resume, save_checkpoint
+from stealer.config import ConfigError, choice, save_config, to_dict
+from stealer.data import ShardStream, open_shards
+from stealer.losses import LOSSES, get_loss
+from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
+from stealer.student import StolenEncoder, save_student
+
+__all__ = ["StealConfig", "run_query_phase", "run_train_phase", "QueryTarget"]
+
+log = logging.getLogger(__name__)
+
+
+class QueryTarget(Protocol):
+    """What the attack needs from a victim transport."""
+
+    def query(self, images: torch.Tensor, user: str) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class DataConfig:
+    query: str = "runs/demo/data/animal_mnist/query"  # shard folder of the attacker's query images
+    image_size: int = 32
+    channels: int = 1
+    workers: int = 0  # DataLoader processes per rank (0 = decode in the training process)
+    shuffle_buffer: int = 1000
+
+    def validate(self) -> None:
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels={self.channels} is not valid; choose one of: 1, 3")
+
+
+@dataclass
+class VictimConfig:
+    checkpoint: str = "runs/demo/victim/checkpoint.pth.tar"  # official SimSiam format
+    arch: str = ""  # '' = read from the checkpoint
+    representation: str = "backbone"  # backbone (pooled features, ICML'22) | projector
+    user: str = "attacker"
+    budget: int | None = None  # queries this user may spend (None = unlimited)
+    state_dir: str = ""  # where the victim keeps its ledger ('' = <run>/victim_state)
+    random_init: bool = False  # the skeptic's control: a random-init victim of the same arch
+
+    def validate(self) -> None:
+        choice("victim.representation", self.representation, ["backbone", "projector"])
+
+
+@dataclass
+class QueryConfig:
+    num_queries: int | None = None  # query only the first N images of the query set (None = all)
+    batch_size: int = 256
+    dtype: str = "float32"  # how responses are cached: float32 | float16
+
+    def validate(self) -> None:
+        choice("query.dtype", self.dtype, ["float32", "float16"])
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "resnet18"
+    width: int = 32
+    stem: str = "small"
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "infonce"
+    temperature: float = 0.2
+    epochs: int = 30
+    batch_size: int = 256  # per rank
+    optimizer: str = "lars"
+    lr: float = 1.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 2.0
+    final_lr_fraction: float = 0.0
+    augment: bool = True  # augment the student's view of each query image
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    drop_last: bool = False
+    ckpt_every: int = 200  # steps
+    keep: int = 2  # checkpoints kept
+    log_every: int = 10
+
+    def validate(self) -> None:
+        choice("train.loss", self.loss, LOSSES)
+        choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        choice("train.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
+
+
+@dataclass
+class StealConfig:
+    name: str = "steal"
+    out_dir: str = "runs"
+    seed: int = 0
+    cpu: bool = False  # force CPU even where a GPU is present
+    resume: str = "auto"  # auto | none | a checkpoint path
+    phases: list[str] = field(default_factory=lambda: ["query", "train"])
+    data: DataConfig = field(default_factory=DataConfig)
+    victim: VictimConfig = field(default_factory=VictimConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def validate(self) -> None:
+        for p in self.phases:
+            choice("phases", p, ["query", "train"])
+
+
+def _is_main(acc: Any) -> bool:
+    return acc is None or acc.is_main_process
+
+
+def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = None) -> dict[str, Any]:
+    """Query every not-yet-cached image of the query set once; returns counts and timing."""
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    run = cfg.run_dir
+    cache = ResponseCache(run / "cache", rank=rank, dtype=cfg.query.dtype)
+    shards = open_shards(cfg.data.query)
+    desc = victim.describe()
+    meta = {"victim": desc, "victim_checkpoint": os.path.abspath(cfg.victim.checkpoint),
+            "random_init_victim": cfg.victim.random_init, "user": cfg.victim.user, "query_set": os.path.abspath(cfg.data.query),
+            "out_dim": desc.get("out_dim"), "channels": cfg.data.channels, "image_size": [cfg.data.image_size] * 2,
+            "classes": shards.manifest.get("classes", []), "image_ext": shards.manifest.get("image_ext", "png")}
+    cache.check_meta(meta)
+    if _is_main(accelerator):
+        cache.write_meta(meta)
+    stream = ShardStream(shards, batch_size=cfg.query.batch_size, rank=rank, world=world, seed=cfg.seed, shuffle=False,
+                         workers=cfg.data.workers, channels=cfg.data.channels, image_size=cfg.data.image_size,
+                         limit=cfg.query.num_queries, keep_bytes=True)
+    done = cache.done_keys()
+    wanted = stream.samples_per_epoch
+    t0 = time.time()
+    sent = corrupt = 0
+    for batch in stream.iter_epoch(0):
+        corrupt += batch["corrupt"]
+        todo = [i for i, k in enumerate(batch["key"]) if k not in done]
+        if not todo:
+            continue
+        idx = torch.tensor(todo)
+        reps = victim.query(batch["image"][idx], cfg.victim.user)  # charged by the victim, per image
+        sent += len(todo)
+        cache.write_batch([batch["key"][i] for i in todo], [batch["bytes"][i] for i in todo],
+                          batch["label"][idx].tolist(), reps.detach().float().cpu().numpy())
+    stats = torch.tensor([sent, corrupt], dtype=torch.long)
+    if accelerator is not None and world > 1:
+        accelerator.wait_for_everyone()
+        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+    out = {"queries_sent": int(stats[0]), "corrupt_skipped": int(stats[1]), "query_set_size": wanted,
+           "seconds": time.time() - t0}
+    if _is_main(accelerator):
+        manifest = cache.finalize(source=f"responses of {desc.get('arch', 'victim')} to {cfg.data.query}")
+        out["cached"] = manifest["num_samples"]
+        with open(run / "query_phase.json", "w") as f:
+            json.dump(out, f, indent=1)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return out
+
+
+def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
+    """Train the stolen encoder on the cached responses; returns final metrics."""
+    from tqdm.auto import tqdm
+
+    acc = accelerator
+    rank, world = acc.process_index, acc.num_processes
+    run = cfg.run_dir
+    if acc.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+    shards = open_shards(run / "cache")
+    out_dim = int(shards.manifest.get("responses", {}).get("dim") or 0)
+    if out_dim <= 0:
+        raise ValueError(f"response cache {run / 'cache'} does not record the response dim; rerun the query phase")
+    stream = ShardStream(shards, batch_size=cfg.train.batch_size, rank=rank, world=world, seed=cfg.seed, shuffle=True,
+                         workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, channels=cfg.data.channels,
+                         image_size=cfg.data.image_size, drop_last=cfg.train.drop_last,
+                         pin_memory=acc.device.type == "cuda")
+    steps_per_epoch = len(stream)
+    total = steps_per_epoch * cfg.train.epochs
+    torch.manual_seed(cfg.seed)
+    student = StolenEncoder(cfg.student.arch, out_dim, in_chans=cfg.data.channels, width=cfg.student.width,
+                            stem=cfg.student.stem, image_size=cfg.data.image_size)
+    opt = build_optimizer(cfg.train.optimizer, student, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                          momentum=cfg.train.momentum)
+    sched = build_schedule(opt, total, int(round(cfg.train.warmup_epochs * steps_per_epoch)), cfg.train.final_lr_fraction)
+    loss_fn = get_loss(cfg.train.loss)
+
+    epoch, start_batch, step = 0, 0, 0
+    found = resolve_resume(cfg.resume, run / "ckpt")
+    if found is not None:
+        path, state = found
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        if _is_main(acc):
+            print(f"resumed from {path} at epoch {epoch}, batch {start_batch} (step {step}/{total})", flush=True)
+    model, opt = acc.prepare(student, opt)  # never prepare the stream or the schedule (see data.py)
+    raw = acc.unwrap_model(model)
+
+    def checkpoint(ep: int, nb: int) -> None:
+        if ep < cfg.train.epochs and nb >= steps_per_epoch:
+            ep, nb = ep + 1, 0
+        if _is_main(acc):
+            save_checkpoint(run / "ckpt", step, {
+                "student": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": ep, "batch": nb, "step": step, "config": to_dict(cfg)}, keep=cfg.train.keep)
+        acc.wait_for_everyone()
+
+    metrics_path = run / "metrics.jsonl"
+    bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="steal", dynamic_ncols=True)
+    t_start, seen, corrupt = time.time(), 0, 0
+    last = {"loss": float("nan")}
+    model.train()
+    while epoch < cfg.train.epochs:
+        for batch in stream.iter_epoch(epoch, start_batch):
+            x = batch["image"].to(acc.device, non_blocking=True)
+            y = batch["response"].to(acc.device, non_blocking=True)
+            if x.shape[0] == 0:
+                raise RuntimeError(f"batch {batch['index']} of epoch {epoch} has no decodable image ({batch['corrupt']} corrupt); check the cache shards")
+            corrupt += batch["corrupt"]
+            xf = x.float().div_(255.0)
+            if cfg.train.augment:
+                xf = augment(xf, batch_generator(cfg.seed, epoch, rank, batch["index"]))
+            xf = normalize(xf, raw.meta["mean"], raw.meta["std"])
+            with acc.autocast():
+                s = model(xf)
+            loss = loss_fn(s.float(), y, temperature=cfg.train.temperature, gather=world > 1)
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            sched.step()
+            step += 1
+            seen += x.shape[0]
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total:
+                lv = acc.reduce(loss.detach(), reduction="mean").item()
+                ips = seen * world / max(time.time() - t_start, 1e-9)
+                last = {"step": step, "epoch": epoch, "loss": lv, "lr": sched.get_last_lr()[0], "img_per_s": ips}
+                bar.set_postfix(loss=f"{lv:.4f}", ips=f"{ips:.0f}")
+                if _is_main(acc):
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+            if cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0:
+                checkpoint(epoch, batch["index"] + 1)
+        epoch, start_batch = epoch + 1, 0
+    bar.close()
+    checkpoint(epoch, 0)
+    if _is_main(acc):
+        save_student(raw, run / "student.pt")
+    acc.wait_for_everyone()
+    return {"steps": step, "final_loss": last["loss"], "seconds": time.time() - t_start, "corrupt_skipped": corrupt,
+            "samples": stream.samples_per_epoch}

@@ -1,0 +1,112 @@
+"""The victim's query API: pay per image, encode, pass through the defenses.
+
+:class:`VictimAPI` is the in-process transport (same device as the attacker, no copy);
+an HTTP transport (``victims/server.py``) wraps the same object, so both share one
+ledger and one defense chain. Every image sent is charged *before* it is encoded,
+repeats included: there are no free queries, and a query that fails after charging
+stays paid.
+
+A defense is any callable ``defense(reps, images, user) -> reps`` (``reps`` float32
+``[N, D]``, ``images`` the uint8 query on the API's device); they run in order.
+
+Example::
+
+    >>> api = VictimAPI(load_victim_encoder("runs/victim/checkpoint.pth.tar"),
+    ...                 QueryLedger("runs/ledger.sqlite"))
+    >>> api.ledger.set_budget("attacker", 50_000)
+    >>> reps = api.query(images_uint8, user="attacker")    # [N, api.out_dim]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from victims.ledger import QueryLedger
+from victims.simsiam import VictimEncoder
+
+__all__ = ["Defense", "VictimAPI"]
+
+#: ``defense(reps [N, D] float32, images [N, C, H, W] uint8, user) -> reps``
+Defense = Callable[[Tensor, Tensor, str], Tensor]
+
+
+class VictimAPI:
+    """Serve a frozen :class:`VictimEncoder` to users under a query budget.
+
+    Args:
+        encoder: the victim; moved to ``device``.
+        ledger: per-user budgets; charged for every image before encoding.
+        defenses: applied in order to the representations.
+        device: where the encoder runs; queries are moved there and answers stay there.
+    """
+
+    def __init__(
+        self,
+        encoder: VictimEncoder,
+        ledger: QueryLedger,
+        *,
+        defenses: Sequence[Defense] = (),
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device)
+        self.ledger = ledger
+        self.defenses = tuple(defenses)
+
+    @property
+    def out_dim(self) -> int:
+        """Dimension D of the representations returned."""
+        return self.encoder.out_dim
+
+    def describe(self) -> dict[str, Any]:
+        """What a user may know about the service (no weights, no defenses)."""
+        return {
+            "arch": self.encoder.arch,
+            "representation": self.encoder.representation,
+            "out_dim": self.encoder.out_dim,
+            "image_size": self.encoder.image_size,
+            "in_chans": self.encoder.in_chans,
+            "input": "uint8 [N, C, H, W], 0..255",
+        }
+
+    def _validate(self, images: Any) -> Tensor:
+        c = self.encoder.in_chans
+        if not isinstance(images, Tensor):
+            raise ValueError(
+                f"query images must be a torch.Tensor uint8 [N, {c}, H, W]; "
+                f"got {type(images).__name__}"
+            )
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != c:
+            raise ValueError(
+                f"query images must be uint8 [N, {c}, H, W] (0..255); got {images.dtype} "
+                f"{list(images.shape)}"
+            )
+        return images
+
+    def query(self, images: Tensor, user: str) -> Tensor:
+        """Charge ``user`` for every image, encode, apply the defenses.
+
+        Args:
+            images: uint8 ``[N, C, H, W]``.
+            user: who pays.
+
+        Returns:
+            float32 ``[N, out_dim]`` on the API's device.
+
+        Raises:
+            ValueError: malformed images (nothing is charged).
+            victims.ledger.BudgetExceeded: the batch would pass the budget (nothing is
+                charged, nothing is encoded).
+        """
+        images = self._validate(images)
+        self.ledger.charge(user, int(images.shape[0]))
+        if images.shape[0] == 0:
+            return torch.empty(0, self.out_dim, device=self.device)
+        images = images.to(self.device, non_blocking=True)
+        reps = self.encoder(images)  # N x D
+        for defense in self.defenses:
+            reps = defense(reps, images, user)
+        return reps.float()

@@ -1,0 +1,149 @@
+"""Per-user query budgets, persisted in SQLite: every image sent is paid for exactly once.
+
+One table, ``users(user TEXT PRIMARY KEY, budget INTEGER NULL, spent INTEGER NOT NULL)``
+(``budget`` NULL = unlimited). Each call opens its own connection (WAL journal, 30 s busy
+timeout) and :meth:`QueryLedger.charge` is one ``BEGIN IMMEDIATE`` transaction, so
+several threads or processes on one machine may share a file and the budget is never
+exceeded. The object holds only the path: it pickles, and works after ``fork``/``spawn``.
+(SQLite's locking is not reliable on network file systems: keep the file on local disk.)
+
+Example::
+
+    >>> ledger = QueryLedger("runs/ledger.sqlite")
+    >>> ledger.set_budget("alice", 1000)
+    >>> ledger.charge("alice", 256)
+    256
+    >>> ledger.remaining("alice")
+    744
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import closing
+from typing import Any
+
+__all__ = ["BudgetExceeded", "QueryLedger"]
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS users (
+    user TEXT PRIMARY KEY,
+    budget INTEGER NULL,
+    spent INTEGER NOT NULL DEFAULT 0
+)"""
+
+
+class BudgetExceeded(RuntimeError):
+    """A charge would take a user past their budget; nothing was charged."""
+
+    def __init__(self, user: str, budget: int, spent: int, requested: int) -> None:
+        self.user, self.budget, self.spent, self.requested = user, budget, spent, requested
+        super().__init__(
+            f"query budget exceeded for user {user!r}: asked for {requested} images with "
+            f"{spent} of {budget} spent ({max(budget - spent, 0)} left); nothing was charged"
+        )
+
+
+def _check_user(user: str) -> str:
+    if not isinstance(user, str) or not user:
+        raise ValueError(f"user must be a non-empty string; got {user!r}")
+    return user
+
+
+class QueryLedger:
+    """Query counts and budgets per user in an SQLite file.
+
+    Args:
+        path: the database file (created, with its folder, if missing).
+        default_budget: budget of a user first seen by :meth:`charge` without a
+            :meth:`set_budget`; None = unlimited.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, default_budget: int | None = None) -> None:
+        self.path = os.fspath(path)
+        if default_budget is not None and default_budget < 0:
+            raise ValueError(f"default_budget must be >= 0 or None; got {default_budget}")
+        self.default_budget = default_budget
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with closing(self._connect()) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"QueryLedger({self.path!r}, default_budget={self.default_budget})"
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: autocommit; transactions are opened explicitly.
+        return sqlite3.connect(self.path, timeout=30, isolation_level=None)
+
+    def _row(self, user: str) -> tuple[int | None, int] | None:
+        with closing(self._connect()) as con:
+            row = con.execute(
+                "SELECT budget, spent FROM users WHERE user = ?", (_check_user(user),)
+            ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def set_budget(self, user: str, budget: int | None) -> None:
+        """Set ``user``'s budget (None = unlimited); what they already spent is kept."""
+        if budget is not None and (not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"budget must be an int >= 0 or None; got {budget!r}")
+        with closing(self._connect()) as con:
+            con.execute(
+                "INSERT INTO users (user, budget, spent) VALUES (?, ?, 0) "
+                "ON CONFLICT(user) DO UPDATE SET budget = excluded.budget",
+                (_check_user(user), budget),
+            )
+
+    def spent(self, user: str) -> int:
+        """Images charged to ``user`` so far (0 for an unknown user)."""
+        row = self._row(user)
+        return 0 if row is None else row[1]
+
+    def budget(self, user: str) -> int | None:
+        """``user``'s budget; None = unlimited."""
+        row = self._row(user)
+        return self.default_budget if row is None else row[0]
+
+    def remaining(self, user: str) -> int | None:
+        """Images ``user`` may still send; None = unlimited."""
+        row = self._row(user)
+        budget, spent = (self.default_budget, 0) if row is None else row
+        return None if budget is None else max(budget - spent, 0)
+
+    def charge(self, user: str, n: int) -> int:
+        """Charge ``n`` images to ``user`` atomically; returns the new total spent.
+
+        Raises:
+            BudgetExceeded: ``spent + n`` would pass the budget; nothing is charged.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"charge count must be an int >= 0; got {n!r}")
+        _check_user(user)
+        with closing(self._connect()) as con:
+            con.execute("BEGIN IMMEDIATE")  # write lock first: no lost updates across processes
+            try:
+                row = con.execute(
+                    "SELECT budget, spent FROM users WHERE user = ?", (user,)
+                ).fetchone()
+                budget, spent = (self.default_budget, 0) if row is None else row
+                if budget is not None and spent + n > budget:
+                    raise BudgetExceeded(user, budget, spent, n)
+                con.execute(
+                    "INSERT INTO users (user, budget, spent) VALUES (?, ?, ?) "
+                    "ON CONFLICT(user) DO UPDATE SET spent = excluded.spent",
+                    (user, budget, spent + n),
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return spent + n
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """``{user: {"budget": int | None, "spent": int, "remaining": int | None}}``."""
+        with closing(self._connect()) as con:
+            rows = con.execute("SELECT user, budget, spent FROM users ORDER BY user").fetchall()
+        return {
+            u: {"budget": b, "spent": s, "remaining": None if b is None else max(b - s, 0)}
+            for u, b, s in rows
+        }
