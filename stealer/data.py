@@ -127,15 +127,16 @@ def _round_robin(counts: list[int]) -> list[tuple[int, int]]:
 
 def decode_image(data: bytes, channels: int, size: int | None) -> torch.Tensor:
     """Decode image bytes to uint8 ``[C, size, size]`` (shorter side resized, centre-cropped)."""
-    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    img = torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
     if size is not None and tuple(img.shape[-2:]) != (size, size):
         img = F.resize(img, size, antialias=True)
         img = F.center_crop(img, [size, size])
-    return img
+    return img.contiguous()
 
 
 def _iter_shard(url: str, expected: int) -> Iterator[dict | None]:

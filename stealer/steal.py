@@ -29,7 +29,7 @@ from stealer.losses import LOSSES, get_loss
 from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
 from stealer.student import StolenEncoder, save_student
 
-__all__ = ["StealConfig", "run_query_phase", "run_train_phase", "QueryTarget"]
+__all__ = ["StealConfig", "run_query_phase", "run_train_phase", "steal_step", "QueryTarget"]
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,24 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     return out
 
 
+def steal_step(model: torch.nn.Module, raw: StolenEncoder, opt: torch.optim.Optimizer, sched: Any, loss_fn: Any,
+               images: torch.Tensor, responses: torch.Tensor, acc: Any, *, temperature: float,
+               gen: torch.Generator | None = None) -> torch.Tensor:
+    """One optimisation step of the student on cached responses (the hot path; see benchmarks/)."""
+    x = images.float().div_(255.0)
+    if gen is not None:
+        x = augment(x, gen)
+    x = normalize(x, raw.meta["mean"], raw.meta["std"])
+    with acc.autocast():
+        s = model(x)  # N x D
+    loss = loss_fn(s.float(), responses, temperature=temperature, gather=acc.num_processes > 1)
+    opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    opt.step()
+    sched.step()
+    return loss
+
+
 def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     """Train the stolen encoder on the cached responses; returns final metrics."""
     from tqdm.auto import tqdm
@@ -247,17 +265,8 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
             if x.shape[0] == 0:
                 raise RuntimeError(f"batch {batch['index']} of epoch {epoch} has no decodable image ({batch['corrupt']} corrupt); check the cache shards")
             corrupt += batch["corrupt"]
-            xf = x.float().div_(255.0)
-            if cfg.train.augment:
-                xf = augment(xf, batch_generator(cfg.seed, epoch, rank, batch["index"]))
-            xf = normalize(xf, raw.meta["mean"], raw.meta["std"])
-            with acc.autocast():
-                s = model(xf)
-            loss = loss_fn(s.float(), y, temperature=cfg.train.temperature, gather=world > 1)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            opt.step()
-            sched.step()
+            gen = batch_generator(cfg.seed, epoch, rank, batch["index"]) if cfg.train.augment else None
+            loss = steal_step(model, raw, opt, sched, loss_fn, x, y, acc, temperature=cfg.train.temperature, gen=gen)
             step += 1
             seen += x.shape[0]
             bar.update(1)

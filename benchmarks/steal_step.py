@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Hot paths of a steal, each as a ratio against a plain baseline measured in the same run.
+
+1. train step: our ``steal_step`` (augment + student fwd/bwd + InfoNCE + LARS + schedule, on
+   cached responses) ÷ a plain supervised step of the same student (fwd/bwd + CE + SGD).
+   Ideal: close to 1.
+2. query phase: ``run_query_phase`` images/s (shard decode + ledger + victim + cache write)
+   ÷ plain batched inference of the same victim on in-memory tensors. Ideal: close to 1.
+
+    python benchmarks/steal_step.py                       # CPU, demo-sized student
+    python benchmarks/steal_step.py --arch resnet50 --width 64 --stem imagenet --size 224 --channels 3 --batch 256
+Timings are printed, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.common import make_accelerator  # noqa: E402
+from stealer.config import load_config  # noqa: E402
+from stealer.losses import get_loss  # noqa: E402
+from stealer.optim import build_optimizer, build_schedule  # noqa: E402
+from stealer.shards import encode_png, write_shards  # noqa: E402
+from stealer.steal import StealConfig, run_query_phase, steal_step  # noqa: E402
+from stealer.student import StolenEncoder  # noqa: E402
+from victims.api import VictimAPI  # noqa: E402
+from victims.ledger import QueryLedger  # noqa: E402
+from victims.simsiam import random_victim  # noqa: E402
+
+
+def _time(fn, steps: int, warmup: int, sync) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--stem", default="small")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dim", type=int, default=256, help="victim representation size")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--queries", type=int, default=2048)
+    p.add_argument("--cpu", action="store_true")
+    a = p.parse_args()
+
+    acc = make_accelerator(cpu=a.cpu)
+    dev = acc.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (a.batch, a.channels, a.size, a.size), dtype=torch.uint8, generator=g).to(dev)
+    responses = torch.randn(a.batch, a.dim, generator=g).to(dev)
+    labels = torch.randint(0, 10, (a.batch,), generator=g).to(dev)
+
+    # --- 1. train step vs plain supervised step ---------------------------------------------
+    student = StolenEncoder(a.arch, a.dim, in_chans=a.channels, width=a.width, stem=a.stem)
+    opt = build_optimizer("lars", student, lr=1.0, weight_decay=1e-6)
+    sched = build_schedule(opt, 10_000, 10)
+    model, opt = acc.prepare(student, opt)
+    loss_fn = get_loss("infonce")
+    gen = torch.Generator().manual_seed(1)
+    t_steal = _time(lambda: steal_step(model, student, opt, sched, loss_fn, images, responses, acc,
+                                       temperature=0.2, gen=gen), a.steps, a.warmup, sync)
+
+    plain = StolenEncoder(a.arch, 10, in_chans=a.channels, width=a.width, stem=a.stem).to(dev)
+    popt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    xf = ((images.float() / 255) - 0.5) / 0.25
+
+    def plain_step() -> None:
+        loss = torch.nn.functional.cross_entropy(plain(xf), labels)
+        popt.zero_grad(set_to_none=True)
+        loss.backward()
+        popt.step()
+
+    t_plain = _time(plain_step, a.steps, a.warmup, sync)
+
+    # --- 2. query phase vs plain batched inference ----------------------------------------
+    victim = random_victim(a.arch, in_chans=a.channels, width=a.width, stem=a.stem, image_size=a.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        shape = (a.size, a.size) if a.channels == 1 else (a.size, a.size, 3)
+        samples = ((f"q-{i:07d}", encode_png(rng.integers(0, 256, size=shape, dtype=np.uint8)), "png", 0)
+                   for i in range(a.queries))
+        write_shards(samples, Path(tmp) / "q", samples_per_shard=512, source="benchmark", classes=["x"],
+                     channels=a.channels, image_size=[a.size, a.size])
+        cfg = load_config(StealConfig, None, [f"out_dir={tmp}", "name=bench", f"data.query={tmp}/q",
+                                              f"data.image_size={a.size}", f"data.channels={a.channels}",
+                                              f"query.batch_size={a.batch}"])
+        api = VictimAPI(victim, QueryLedger(Path(tmp) / "ledger.sqlite"), device=dev)
+        t = time.perf_counter()
+        run_query_phase(cfg, api, acc)
+        sync()
+        q_ips = a.queries / (time.perf_counter() - t)
+
+    vdev = victim.to(dev)
+    t_inf = _time(lambda: vdev(images), a.steps, a.warmup, sync)
+    inf_ips = a.batch / t_inf
+
+    out = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "model": f"{a.arch} width {a.width} stem {a.stem}, {a.channels}x{a.size}x{a.size}, batch {a.batch}",
+        "steal_step_s": round(t_steal, 4), "plain_step_s": round(t_plain, 4),
+        "steal_step_ratio": round(t_steal / t_plain, 3),
+        "query_phase_img_s": round(q_ips, 1), "plain_inference_img_s": round(inf_ips, 1),
+        "query_phase_ratio": round(q_ips / inf_ips, 3),
+    }
+    print(json.dumps(out, indent=1))
+    print(f"steal step / plain supervised step = {out['steal_step_ratio']:.2f}x   (ideal ~1)")
+    print(f"query phase / plain inference      = {out['query_phase_ratio']:.2f}x   (ideal ~1)")
+
+
+if __name__ == "__main__":
+    main()
