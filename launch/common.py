@@ -82,6 +82,6 @@ def build_victim_api(vcfg: Any, run_dir: str | os.PathLike, device: Any = "cpu")
     state = Path(vcfg.state_dir) if vcfg.state_dir else Path(run_dir) / "victim_state"
     state.mkdir(parents=True, exist_ok=True)
     ledger = QueryLedger(state / "ledger.sqlite")
-    if vcfg.budget is not None or ledger.budget(vcfg.user) is not None:
+    if vcfg.budget is not None:  # the defender's setting; None leaves the stored budget alone
         ledger.set_budget(vcfg.user, vcfg.budget)
     return VictimAPI(encoder, ledger, device=device)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "resolve_resume", "atomic_torch_save"]
+__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "resolve_resume", "atomic_torch_save", "config_diff"]
 
 log = logging.getLogger(__name__)
 FORMAT = "sslsteal-ckpt/1"
@@ -93,3 +93,18 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> tuple[Path, dict
     if resume == "auto":
         return find_latest(ckpt_dir)
     return Path(resume), load_checkpoint(resume)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: set[str] = frozenset(), prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (``ignore`` holds dotted keys)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        key = prefix + k
+        if key in ignore:
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, ignore, key + ".")
+        elif a != b:
+            out.append(key)
+    return out

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stealer.augment import augment, batch_generator, normalize
+from stealer.augment import AugmentConfig, augment, batch_generator, normalize
 from stealer.ckpt import resolve_resume, save_checkpoint
 from stealer.config import choice, to_dict
 from stealer.data import ShardStream, open_shards
@@ -45,6 +45,7 @@ class VictimTrainConfig:
     channels: int = 1
     workers: int = 0
     model: VictimModelConfig = field(default_factory=VictimModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     epochs: int = 40
     batch_size: int = 256  # per rank
     lr: float = 0.05  # base lr, scaled by global batch / 256 (SimSiam)
@@ -54,6 +55,7 @@ class VictimTrainConfig:
     warmup_epochs: float = 0.0
     mixed_precision: str = "no"
     ckpt_every: int = 200
+    log_every: int = 10
 
     @property
     def run_dir(self) -> Path:
@@ -102,8 +104,8 @@ def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:
         for batch in stream.iter_epoch(epoch, start_batch):
             x = batch["image"].to(acc.device).float().div_(255.0)
             g = batch_generator(cfg.seed, epoch, rank, batch["index"])
-            x1 = normalize(augment(x, g), mean, std)
-            x2 = normalize(augment(x, g), mean, std)
+            x1 = normalize(augment(x, g, cfg.augment), mean, std)
+            x2 = normalize(augment(x, g, cfg.augment), mean, std)
             with acc.autocast():
                 p1, p2, z1, z2 = ddp(x1, x2)
             loss = simsiam_loss(p1.float(), p2.float(), z1.float(), z2.float())
@@ -116,7 +118,7 @@ def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:
                     grp["lr"] = lr
             step += 1
             bar.update(1)
-            if step % 10 == 0:
+            if step % cfg.log_every == 0 or step == total:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if acc.is_main_process:
                     with open(run / "metrics.jsonl", "a") as f:

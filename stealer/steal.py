@@ -22,7 +22,7 @@ import torch
 
 from stealer.augment import augment, batch_generator, normalize
 from stealer.cache import ResponseCache
-from stealer.ckpt import resolve_resume, save_checkpoint
+from stealer.ckpt import config_diff, resolve_resume, save_checkpoint
 from stealer.config import ConfigError, choice, save_config, to_dict
 from stealer.data import ShardStream, open_shards
 from stealer.losses import LOSSES, get_loss
@@ -134,6 +134,11 @@ class StealConfig:
             choice("phases", p, ["query", "train"])
 
 
+# what may differ between a checkpoint's run and the run resuming it
+RESUME_MAY_CHANGE = {"resume", "phases", "cpu", "out_dir", "train.epochs", "train.ckpt_every", "train.keep",
+                     "train.log_every", "data.workers", "victim.budget", "victim.state_dir", "query.batch_size"}
+
+
 def _is_main(acc: Any) -> bool:
     return acc is None or acc.is_main_process
 
@@ -235,6 +240,10 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     found = resolve_resume(cfg.resume, run / "ckpt")
     if found is not None:
         path, state = found
+        changed = config_diff(state.get("config", {}), to_dict(cfg), RESUME_MAY_CHANGE)
+        if changed:
+            raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(changed[:6])}); "
+                             f"use a new run name (name=...) or resume=none to start over")
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
