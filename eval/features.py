@@ -23,15 +23,16 @@ def extract_features(
     world: int = 1,
     device: torch.device | str = "cpu",
     workers: int = 0,
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encode(uint8 images) -> [N, D]`` over a shard folder; every rank gets all features.
 
     Each rank reads its contiguous part of the (unshuffled) set; the gather concatenates in
     rank order, so row i is sample i of the folder on every rank. Returns float32 features and
-    int64 labels, on CPU.
+    int64 labels, on CPU. ``limit`` keeps only the first N samples of the folder.
     """
     stream = ShardStream(open_shards(shard_dir), batch_size=batch_size, rank=rank, world=world, shuffle=False,
-                         workers=workers, channels=channels, image_size=image_size)
+                         workers=workers, channels=channels, image_size=image_size, limit=limit)
     feats, labels = [], []
     for batch in stream.iter_epoch(0):
         x = batch["image"].to(device)

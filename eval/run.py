@@ -33,6 +33,7 @@ class ProbeConfig:
         "animal_mnist:runs/demo/data/animal_mnist/probe_train:runs/demo/data/animal_mnist/probe_test"])
     image_size: int = 32
     channels: int = 1
+    train_limit: int | None = None  # use only the first N probe-train images (a few-label probe); None = all
     batch_size: int = 500
     steps: int = 300
     lr: float = 0.01
@@ -104,7 +105,7 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
             t0 = time.time()
             kw = dict(channels=cfg.channels, image_size=cfg.image_size, batch_size=cfg.batch_size,
                       rank=acc.process_index, world=acc.num_processes, device=dev)
-            xtr, ytr = extract_features(enc, train_dir, **kw)
+            xtr, ytr = extract_features(enc, train_dir, limit=cfg.train_limit, **kw)
             xte, yte = extract_features(enc, test_dir, **kw)
             test_feats[enc_name] = xte
             res = linear_probe(xtr, ytr, xte, yte, accelerator=acc, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed)

@@ -8,6 +8,14 @@ Every loss has the signature::
 and is detached here. Unused keyword arguments are accepted and ignored, so a
 caller can pass the same config to any loss.
 
+Registered (``LOSSES``): per row or element ``mse``, ``mse_mean``, ``cosine``,
+``symmetrized``, ``soft_ce``, ``bce``, ``wasserstein``; with in-batch negatives or
+batch statistics (``gather=True`` reaches every rank) ``infonce``, ``supcon``,
+``softnn``, ``barlow``. The ICML'22 stealing code (Dziedzic et al.) accepts
+infonce, mse (its reduction is ``mse_mean`` here), softce, bce, wasserstein,
+softnn, supcon, symmetrized and barlow; each docstring gives the exact reduction
+and where it departs from theirs.
+
 Example::
 
     >>> loss = get_loss("infonce")(student, victim_reps, temperature=0.1, gather=True)
@@ -15,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -28,7 +37,21 @@ from stealer.dist import (
     is_distributed,
 )
 
-__all__ = ["mse", "cosine", "infonce", "LOSSES", "get_loss"]
+__all__ = [
+    "mse",
+    "mse_mean",
+    "cosine",
+    "symmetrized",
+    "infonce",
+    "supcon",
+    "softnn",
+    "barlow",
+    "soft_ce",
+    "bce",
+    "wasserstein",
+    "LOSSES",
+    "get_loss",
+]
 
 
 def _check(student: Tensor, target: Tensor) -> None:
@@ -37,6 +60,20 @@ def _check(student: Tensor, target: Tensor) -> None:
             f"student and target must both be [N, D]; got {tuple(student.shape)} "
             f"and {tuple(target.shape)}"
         )
+
+
+def _gather_pair(s: Tensor, t: Tensor, gather: bool) -> tuple[int, Tensor, Tensor]:
+    """Rows of every rank for in-batch negatives: ``(offset, s_all, t_all)``.
+
+    Under torch.distributed with ``gather=True``: student rows are gathered with
+    gradient, target rows without, and ``offset`` is where this rank's rows start
+    in the ``M = sum_r n_r`` gathered rows. Otherwise ``(0, s, t)``.
+    """
+    if gather and is_distributed():
+        sizes = gather_sizes(s.shape[0], s.device)
+        offset = sum(sizes[: torch.distributed.get_rank()])
+        return offset, gather_with_grad(s, sizes), gather_nograd(t, sizes)
+    return 0, s, t
 
 
 def mse(
@@ -69,6 +106,37 @@ def mse(
     """
     _check(student, target)
     return ((student - target.detach()) ** 2).sum(dim=1).mean()
+
+
+def mse_mean(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """Mean squared error over all N·D elements: ``torch.nn.MSELoss()``.
+
+    ``((student - target) ** 2).mean()``, i.e. :func:`mse` divided by D. This is
+    the reduction of the ICML'22 code's ``mse`` loss (``nn.MSELoss()`` with the
+    default ``reduction='mean'``).
+
+    Args:
+        student: student representations [N, D].
+        target: victim representations [N, D] (no gradient).
+        temperature: ignored.
+        gather: ignored (the loss is per element).
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Dziedzic et al., "On the Difficulty of Defending Self-Supervised Learning
+        against Model Extraction", ICML 2022 (``simclr.py``, loss ``mse``).
+    """
+    _check(student, target)
+    return F.mse_loss(student, target.detach(), reduction="mean")
 
 
 def cosine(
@@ -141,15 +209,7 @@ def infonce(
     s = F.normalize(student, dim=1)  # N x D
     t = F.normalize(target.detach(), dim=1)  # N x D
     n = s.shape[0]
-
-    if gather and is_distributed():
-        sizes = gather_sizes(n, s.device)
-        rank = torch.distributed.get_rank()
-        offset = sum(sizes[:rank])
-        s_all = gather_with_grad(s, sizes)  # M x D, M = sum of sizes
-        t_all = gather_nograd(t, sizes)  # M x D
-    else:
-        offset, s_all, t_all = 0, s, t
+    offset, s_all, t_all = _gather_pair(s, t, gather)  # M x D each, M = sum of sizes
 
     labels = torch.arange(offset, offset + n, device=s.device)
     logits_st = s @ t_all.T / temperature  # N x M: local students vs all targets
@@ -161,10 +221,393 @@ def infonce(
     return 0.5 * ce / max(n, 1)
 
 
+def symmetrized(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    two_views: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """SimSiam's symmetrised negative cosine, ``-(cos(s, t) + cos(t, s)) / 2``.
+
+    With one view (default) the two terms are equal, so this is
+    ``-mean_i cos(s_i, t_i)``, in [-1, 1]. Compared with :func:`cosine`
+    (``2 - 2·cos``): same minimiser, ``cosine = 2 + 2·symmetrized``, so the
+    gradient here is half of ``cosine``'s.
+
+    With ``two_views=True`` the N rows are two augmented views stacked
+    (``[x¹; x²]``, N even) and the pairs cross the views as in SimSiam:
+    ``-(mean_i cos(s¹_i, t²_i) + mean_i cos(s²_i, t¹_i)) / 2``. The ICML'22 code
+    uses this form with ``s`` the attacker's predictor output and ``t`` the
+    victim's representation passed through the attacker's projector (which there
+    receives gradient); here ``t`` is the victim's response, detached.
+
+    Args:
+        student: student representations [N, D] (SimSiam's ``p``).
+        target: victim representations [N, D] (SimSiam's ``z``; stop-gradient).
+        temperature: ignored.
+        gather: ignored (the loss is per row).
+        two_views: rows are ``[view 1; view 2]``; pair them across views.
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021
+        (eq. 2); Dziedzic et al., ICML 2022 (``simclr.py``, loss ``symmetrized``).
+    """
+    _check(student, target)
+    t = target.detach()
+    if not two_views:
+        # cos(s, t) == cos(t, s): the symmetrisation is a single term
+        return -F.cosine_similarity(student, t, dim=1).mean()
+    if student.shape[0] % 2:
+        raise ValueError(f"two_views=True needs an even batch; got {student.shape[0]} rows")
+    s1, s2 = student.chunk(2)  # N/2 x D each
+    t1, t2 = t.chunk(2)
+    return -0.5 * (
+        F.cosine_similarity(s1, t2, dim=1).mean() + F.cosine_similarity(s2, t1, dim=1).mean()
+    )
+
+
+def _two_view_masks(
+    n: int, m: int, offset: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Masks for anchors ``[s; t]`` (2N rows) vs candidates ``[s_all; t_all]`` (2M columns).
+
+    Local student row i sits in column ``offset + i`` and its target in column
+    ``m + offset + i``. Returns ``(self_mask, pair_mask)``, both bool 2N x 2M:
+    each anchor's own column, and the column of its other-view partner.
+    """
+    idx = torch.arange(n, device=device) + offset
+    rows = torch.arange(2 * n, device=device)
+    self_mask = torch.zeros(2 * n, 2 * m, dtype=torch.bool, device=device)
+    pair_mask = torch.zeros_like(self_mask)
+    self_mask[rows, torch.cat([idx, idx + m])] = True
+    pair_mask[rows, torch.cat([idx + m, idx])] = True
+    return self_mask, pair_mask
+
+
+def supcon(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    labels: Tensor | None = None,
+    base_temperature: float | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """Supervised-contrastive loss with student and victim rows as the two views.
+
+    Rows are L2-normalised; the 2N anchors are ``[s; t]`` and the candidates are
+    all 2N rows but the anchor itself (same-view rows are negatives too, unlike
+    :func:`infonce`, whose negatives are only the other view). For anchor a with
+    positive set P(a)::
+
+        L_a = -(T / T_base) · mean_{p in P(a)} [ z_a·z_p / T
+                                                 - log sum_{k != a} exp(z_a·z_k / T) ]
+
+    and the loss is ``mean_a L_a`` over the 2N anchors. Without ``labels``,
+    P(a) is the same index in the other view (the SimCLR / NT-Xent case of
+    SupCon); with ``labels`` [N], every other row with the same label, in either
+    view (how the ICML'22 code calls it, with the query set's class labels).
+    ``base_temperature`` defaults to T (scale 1); the ICML'22 code uses
+    ``T_base = 0.07`` with ``T = 0.07``.
+
+    With ``gather=True`` under torch.distributed the candidates (and labels) come
+    from all ranks as in :func:`infonce`; each rank returns the mean over its
+    own 2N anchors.
+
+    Args:
+        student: student representations [N, D].
+        target: victim representations [N, D] (no gradient).
+        temperature: softmax temperature T.
+        gather: take negatives from every rank.
+        labels: optional class labels [N] shared by both views.
+        base_temperature: T_base; None means T.
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (eq. 2,
+        ``L^sup_out``); Dziedzic et al., ICML 2022 (``loss.py:SupConLoss``).
+    """
+    _check(student, target)
+    s = F.normalize(student, dim=1)  # N x D
+    t = F.normalize(target.detach(), dim=1)  # N x D
+    n = s.shape[0]
+    offset, s_all, t_all = _gather_pair(s, t, gather)
+    m = s_all.shape[0]
+
+    logits = torch.cat([s, t]) @ torch.cat([s_all, t_all]).T / temperature  # 2N x 2M
+    self_mask, pos = _two_view_masks(n, m, offset, s.device)
+    if labels is not None:
+        lab = labels.reshape(-1).to(s.device)
+        if lab.shape[0] != n:
+            raise ValueError(f"labels must have {n} entries; got {lab.shape[0]}")
+        lab_all = gather_nograd(lab) if gather else lab
+        same = torch.cat([lab, lab])[:, None] == torch.cat([lab_all, lab_all])[None]
+        pos = same & ~self_mask
+
+    others = logits.masked_fill(self_mask, float("-inf"))
+    log_norm = torch.logsumexp(others, dim=1, keepdim=True)  # 2N x 1
+    log_prob = logits - log_norm  # 2N x 2M
+    # every anchor has at least its other-view partner as a positive
+    mean_pos = torch.where(pos, log_prob, 0.0).sum(dim=1) / pos.sum(dim=1)  # 2N
+    scale = 1.0 if base_temperature is None else temperature / base_temperature
+    return -scale * mean_pos.sum() / max(2 * n, 1)
+
+
+def softnn(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    eps: float = 1e-9,
+    **kwargs: Any,
+) -> Tensor:
+    """Soft nearest-neighbour loss with student and victim rows as the two views.
+
+    As the ICML'22 code steals with it: the 2N rows ``x = [s; t]`` (not
+    normalised) get labels ``[0..N-1, 0..N-1]``, so each row's only positive is
+    its other-view partner. With squared Euclidean distances
+    ``d_ab = ||x_a - x_b||²`` (computed in float64, as there)::
+
+        L_a = -log( eps + exp(-d_{a,pair(a)} / T) / sum_{b != a} exp(-d_ab / T) )
+
+    and the loss is ``mean_a L_a`` over the 2N rows. Computed in log space
+    (``logaddexp(log ratio, log eps)``), so it equals their value but does not
+    under/overflow. ``eps = 1e-9`` as there; it caps ``L_a`` at -log(1e-9) ≈ 20.7
+    and the gradient vanishes once the ratio falls well below eps, so set
+    ``eps=0`` for the plain log-ratio. Distances are unnormalised: T must suit the
+    representation scale (the ICML'22 default is ``--temperaturesn 100``).
+
+    With ``gather=True`` under torch.distributed the candidates come from all
+    ranks as in :func:`infonce`; each rank returns the mean over its own 2N rows.
+
+    Args:
+        student: student representations [N, D].
+        target: victim representations [N, D] (no gradient).
+        temperature: distance temperature T.
+        gather: take negatives from every rank.
+        eps: added to the probability ratio inside the log.
+
+    Returns:
+        Scalar tensor (float32, or float64 for float64 inputs).
+
+    Reference:
+        Frosst, Papernot & Hinton, "Analyzing and Improving Representations with
+        the Soft Nearest Neighbor Loss", ICML 2019 (eq. 1); Dziedzic et al.,
+        ICML 2022 (``loss.py:soft_nn_loss`` with ``pairwise_euclid_distance``).
+    """
+    _check(student, target)
+    out_dtype = torch.promote_types(student.dtype, torch.float32)
+    t = target.detach()
+    n = student.shape[0]
+    offset, s_all, t_all = _gather_pair(student, t, gather)
+    m = s_all.shape[0]
+
+    anchors = torch.cat([student, t]).double()  # 2N x D
+    cands = torch.cat([s_all, t_all]).double()  # 2M x D
+    sq_dist = (
+        (anchors**2).sum(dim=1, keepdim=True) + (cands**2).sum(dim=1) - 2 * anchors @ cands.T
+    )  # 2N x 2M
+    logits = -sq_dist / temperature
+    self_mask, pair_mask = _two_view_masks(n, m, offset, student.device)
+    log_ratio = logits[pair_mask] - torch.logsumexp(
+        logits.masked_fill(self_mask, float("-inf")), dim=1
+    )  # 2N (one pair per row, in row order)
+    if eps > 0:
+        log_ratio = torch.logaddexp(log_ratio, log_ratio.new_tensor(math.log(eps)))
+    return (-log_ratio.sum() / max(2 * n, 1)).to(out_dtype)
+
+
+def _standardize(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-dimension batch normalisation without affine terms (BatchNorm1d, training mode)."""
+    return (x - x.mean(dim=0)) / torch.sqrt(x.var(dim=0, unbiased=False) + eps)
+
+
+def barlow(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    lambd: float = 5e-3,
+    **kwargs: Any,
+) -> Tensor:
+    """Barlow Twins redundancy reduction between student and victim rows.
+
+    Each of ``s`` and ``t`` is standardised per dimension over the batch
+    (``(x - mean) / sqrt(var + 1e-5)``, biased variance: ``BatchNorm1d`` without
+    affine terms); ``C = bn(s)ᵀ bn(t) / M`` is the D x D cross-correlation and::
+
+        loss = sum_i (1 - C_ii)² + lambd · sum_{i != j} C_ij²
+
+    (a sum, not a mean, over the matrix). ``lambd = 5e-3`` as in the paper; the
+    official code and the ICML'22 code use 0.0051. The ICML'22 code correlates two
+    augmented views, each the concatenation ``[student; victim]``; here the two
+    sides are the student and the victim on the same inputs.
+
+    With ``gather=True`` under torch.distributed the batch statistics and C use
+    the rows of every rank (student gathered with gradient, victim without), so
+    M is the global batch and every rank returns the same loss; each rank then
+    holds W times this loss's gradient for its rows, and DDP's averaging yields
+    exactly its gradient.
+
+    Args:
+        student: student representations [N, D].
+        target: victim representations [N, D] (no gradient).
+        temperature: ignored.
+        gather: compute statistics and C over every rank's rows.
+        lambd: weight of the off-diagonal term.
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Zbontar et al., "Barlow Twins: Self-Supervised Learning via Redundancy
+        Reduction", ICML 2021 (eq. 1); Dziedzic et al., ICML 2022
+        (``loss.py:barlow_loss``).
+    """
+    _check(student, target)
+    _, s_all, t_all = _gather_pair(student, target.detach(), gather)
+    c = _standardize(s_all).T @ _standardize(t_all) / max(s_all.shape[0], 1)  # D x D
+    diag = torch.diagonal(c)
+    off = ~torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
+    return (1 - diag).pow(2).sum() + lambd * c[off].pow(2).sum()
+
+
+def soft_ce(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """Soft cross-entropy from the victim's softmax to the student's.
+
+    ``mean_i sum_j -softmax(t_i / T)_j · log_softmax(s_i / T)_j``: summed over
+    the D features, averaged over the N rows, no T² factor. The ICML'22 code's
+    ``soft_cross_entropy`` has this reduction with T = 1, but its stealing loop
+    passes ``softmax(student)`` as the soft target (not the victim's response);
+    here the target is the victim's, as intended.
+
+    Args:
+        student: student representations [N, D] (logits).
+        target: victim representations [N, D] (no gradient).
+        temperature: softmax temperature T, applied to both sides.
+        gather: ignored (the loss is per row).
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network",
+        2015; Dziedzic et al., ICML 2022 (``loss.py:soft_cross_entropy``, loss
+        ``softce``).
+    """
+    _check(student, target)
+    p = F.softmax(target.detach() / temperature, dim=1)  # N x D
+    return -(p * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
+
+
+def bce(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    binarize: bool = True,
+    **kwargs: Any,
+) -> Tensor:
+    """Binary cross-entropy of the student's logits against the victim's bits.
+
+    As in the ICML'22 code: ``y = round(sigmoid(t))`` (1 where ``t > 0``, 0
+    where ``t <= 0``; ``round(0.5) = 0``) and
+    ``BCEWithLogits(s, y) = mean_{i,j} -[y log σ(s) + (1 - y) log(1 - σ(s))]``,
+    averaged over all N·D elements. With ``binarize=False`` the soft target
+    ``y = sigmoid(t)`` is used instead.
+
+    Args:
+        student: student representations [N, D] (logits).
+        target: victim representations [N, D] (no gradient).
+        temperature: ignored.
+        gather: ignored (the loss is per element).
+        binarize: round the victim's sigmoid to {0, 1}.
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Dziedzic et al., ICML 2022 (``simclr.py``, loss ``bce``:
+        ``nn.BCEWithLogitsLoss()(features, torch.round(torch.sigmoid(victim)))``).
+    """
+    _check(student, target)
+    y = torch.sigmoid(target.detach())
+    if binarize:
+        y = torch.round(y)
+    return F.binary_cross_entropy_with_logits(student, y, reduction="mean")
+
+
+def wasserstein(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """The ICML'22 code's "Wasserstein" loss: 1-D W1 between rows read as histograms.
+
+    Each row is divided by its sum (``+ 1e-14``) and treated as a distribution
+    over the D feature *indices* (bins in their fixed order, no sorting, no
+    critic); the loss is the L1 distance between the two cumulative sums::
+
+        mean_i sum_k | cumsum(s_i / sum s_i)_k - cumsum(t_i / sum t_i)_k |
+
+    i.e. W1 with unit bin spacing, averaged over rows. This is a distance only
+    for non-negative rows (e.g. post-ReLU features); with negative entries the
+    "distribution" is signed and a row sum near 0 makes it blow up.
+
+    Args:
+        student: student representations [N, D].
+        target: victim representations [N, D] (no gradient).
+        temperature: ignored.
+        gather: ignored (the loss is per row).
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Dziedzic et al., ICML 2022 (``loss.py:torch_wasserstein_loss``, i.e.
+        ``torch_cdf_loss(student, victim, p=1)``).
+    """
+    _check(student, target)
+    t = target.detach()
+    cdf_s = torch.cumsum(student / (student.sum(dim=1, keepdim=True) + 1e-14), dim=1)
+    cdf_t = torch.cumsum(t / (t.sum(dim=1, keepdim=True) + 1e-14), dim=1)
+    return (cdf_s - cdf_t).abs().sum(dim=1).mean()
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "mse": mse,
+    "mse_mean": mse_mean,
     "cosine": cosine,
+    "symmetrized": symmetrized,
     "infonce": infonce,
+    "supcon": supcon,
+    "softnn": softnn,
+    "barlow": barlow,
+    "soft_ce": soft_ce,
+    "bce": bce,
+    "wasserstein": wasserstein,
 }
 
 
