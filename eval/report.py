@@ -21,6 +21,10 @@ def build_report(results: dict[str, dict[str, Any]], *, primary_set: str, querie
                  seconds: dict[str, float], control: str | None = "control", extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Summarise ``results[encoder][set] = {'top1': ...}`` into the report dict.
 
+    ``results`` must hold ``victim``, ``stolen`` and ``random`` (the mean over random inits,
+    optionally with ``top1_min``/``top1_max``/``seeds``); ``control`` and
+    ``control_teacher`` are reported when present.
+
     Required keys: ``victim_top1``, ``stolen_top1``, ``random_top1`` (fractions), ``ratio``
     (stolen/victim), ``gain_recovered``, ``queries_spent``, ``seconds`` (per phase and total).
     """
@@ -35,11 +39,17 @@ def build_report(results: dict[str, dict[str, Any]], *, primary_set: str, querie
         "gain_recovered": gain_recovered(s, v, r),
         "queries_spent": int(queries_spent),
         "seconds": {**{k: round(float(t), 1) for k, t in seconds.items()}, "total": round(float(sum(seconds.values())), 1)},
-        "per_set": {enc: {k: round(float(m["top1"]), 4) for k, m in sets.items()} for enc, sets in results.items()},
+        "per_set": {enc: {k: round(float(m["top1"]), 4) for k, m in sets.items()} for enc, sets in results.items()
+                    if not enc.startswith("random_")},
     }
+    rnd = results["random"][primary_set]
+    if "top1_min" in rnd:
+        rep["random_top1_min"], rep["random_top1_max"], rep["random_seeds"] = rnd["top1_min"], rnd["top1_max"], rnd["seeds"]
     if control and control in top:
         rep["control_top1"] = top[control]
         rep["control_gain_recovered"] = gain_recovered(top[control], v, r)
+        if f"{control}_teacher" in top:
+            rep["control_teacher_top1"] = top[f"{control}_teacher"]
     if extra:
         rep.update(extra)
     return rep
@@ -59,9 +69,14 @@ def markdown_table(rep: dict[str, Any]) -> str:
         ("random-init probe top-1", rep["random_top1"]),
         ("gain recovered (stolen−random)/(victim−random)", rep["gain_recovered"]),
     ]
+    if "random_top1_min" in rep:
+        rows.insert(4, (f"random-init min / max over {rep['random_seeds']} seeds",
+                        f"{rep['random_top1_min']:.3f} / {rep['random_top1_max']:.3f}"))
     if "control_top1" in rep:
         rows += [("control: stolen from a random-init victim, top-1", rep["control_top1"]),
                  ("control: gain recovered", rep["control_gain_recovered"])]
+        if "control_teacher_top1" in rep:
+            rows.append(("control: its random-init teacher, top-1", rep["control_teacher_top1"]))
     if "fidelity" in rep:
         rows += [(f"stolen vs victim {k}", v) for k, v in rep["fidelity"].items()]
     rows.append(("queries spent", rep["queries_spent"]))

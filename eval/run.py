@@ -27,7 +27,9 @@ class ProbeConfig:
     victim: str = "runs/demo/victim/checkpoint.pth.tar"  # '' = no victim row
     victim_representation: str = "backbone"
     stolen: list[str] = field(default_factory=list)  # NAME=path/to/student.pt ...
-    random: bool = True  # add a random-init encoder of the first stolen encoder's architecture
+    random: bool = True  # add random-init encoders of the first stolen encoder's architecture
+    random_seeds: int = 5  # how many random inits; 'random' reports their mean (min/max kept)
+    control_teacher: bool = False  # also probe the random-init victim a control steal queried (seed 0)
     stolen_features: str = "output"  # output (what imitates the victim) | backbone (pooled features)
     sets: list[str] = field(default_factory=lambda: [
         "animal_mnist:runs/demo/data/animal_mnist/probe_train:runs/demo/data/animal_mnist/probe_test"])
@@ -73,7 +75,7 @@ def _student_encoder(model: StolenEncoder, which: str, device: torch.device) -> 
 
 def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
     """Probe every encoder on every set; write ``results.jsonl``; return ``{encoder: {set: metrics}}``."""
-    from victims.simsiam import load_victim_encoder
+    from victims.simsiam import load_victim_encoder, random_victim
 
     acc = accelerator
     dev = acc.device
@@ -81,18 +83,23 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
     if cfg.victim:
         victim = load_victim_encoder(cfg.victim, representation=cfg.victim_representation).to(dev)
         encoders["victim"] = victim
+        if cfg.control_teacher:
+            encoders["control_teacher"] = random_victim(victim).to(dev)  # what build_victim_api serves
     first_meta = None
     for item in cfg.stolen:
         name, path = item.split("=", 1)
         model = load_student(path)
         first_meta = first_meta or model.meta
         encoders[name] = _student_encoder(model, cfg.stolen_features, dev)
+    random_names = []
     if cfg.random and first_meta is not None:
-        torch.manual_seed(cfg.seed + 12345)
         m = first_meta
-        rnd = StolenEncoder(m["arch"], m["out_dim"], in_chans=m["in_chans"], width=m["width"], stem=m["stem"],
-                            mean=m["mean"], std=m["std"])
-        encoders["random"] = _student_encoder(rnd, cfg.stolen_features, dev)
+        for i in range(max(1, cfg.random_seeds)):
+            torch.manual_seed(cfg.seed + 12345 + i)
+            rnd = StolenEncoder(m["arch"], m["out_dim"], in_chans=m["in_chans"], width=m["width"], stem=m["stem"],
+                                mean=m["mean"], std=m["std"])
+            random_names.append(f"random_{i}")
+            encoders[random_names[-1]] = _student_encoder(rnd, cfg.stolen_features, dev)
 
     results: dict[str, dict[str, Any]] = {n: {} for n in encoders}
     run = cfg.run_dir
@@ -116,8 +123,12 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
             for enc_name, f in test_feats.items():
                 if enc_name != "victim" and f.shape == test_feats["victim"].shape:
                     results[enc_name][set_name]["fidelity"] = fidelity(f, test_feats["victim"])
+        if random_names:  # random init varies a lot between seeds: report the mean and the spread
+            tops = [results[n][set_name]["top1"] for n in random_names]
+            results.setdefault("random", {})[set_name] = {
+                "top1": sum(tops) / len(tops), "top1_min": min(tops), "top1_max": max(tops), "seeds": len(tops)}
         if acc.is_main_process:
             with open(run / "results.jsonl", "a") as fh:
-                for enc_name in encoders:
+                for enc_name in results:
                     fh.write(json.dumps({"encoder": enc_name, "set": set_name, **results[enc_name][set_name]}) + "\n")
     return results

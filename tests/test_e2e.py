@@ -83,7 +83,7 @@ def test_steal_and_probe_in_two_processes(tmp_path):
     assert again["query"]["queries_sent"] == 0 and again["query"]["ledger_spent"] == 800
 
     probe = [str(REPO / "launch" / "probe.py"), f"out_dir={tmp_path}", "name=probe", "cpu=true", f"victim={victim}",
-             f"stolen=[stolen={tmp_path / 'steal' / 'student.pt'}]", "steps=200",
+             f"stolen=[stolen={tmp_path / 'steal' / 'student.pt'}]", "steps=200", "random_seeds=2",
              f"sets=[animal:{data / 'animal_mnist' / 'probe_train'}:{data / 'animal_mnist' / 'probe_test'}]"]
     accel = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     p = _run([accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -91,7 +91,8 @@ def test_steal_and_probe_in_two_processes(tmp_path):
     assert '"world_size": 2' in p.stdout, p.stdout[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "probe" / "results.jsonl").read_text().splitlines()]
     top1 = {r["encoder"]: r["top1"] for r in rows}
-    assert set(top1) == {"victim", "stolen", "random"}
+    assert set(top1) == {"victim", "stolen", "random", "random_0", "random_1"}
+    assert top1["random"] == pytest.approx((top1["random_0"] + top1["random_1"]) / 2)
     print("probe top-1:", top1)
     assert top1["victim"] > top1["random"] + 0.05, top1
     assert top1["stolen"] > top1["random"] + 0.05, top1
