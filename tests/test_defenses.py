@@ -86,7 +86,7 @@ def test_b4b_coverage_fills_known_buckets() -> None:
     assert d.hyperplanes(2).shape == (1, 2, 2)
 
     def hitting(signs: tuple[float, float]) -> torch.Tensor:  # v with sign(v . w_b) = signs[b]
-        return torch.linalg.solve(w.T, torch.tensor(signs))[None, :]
+        return torch.linalg.solve(w.T, torch.tensor(signs, dtype=torch.float32))[None, :]
 
     assert d.coverage("u") == 0.0
     d(hitting((1, 1)), _images(1), "u")
@@ -280,6 +280,20 @@ def test_state_dict_round_trip_reproduces_later_answers(name: str) -> None:
         DEFENSES[another](**SPECS[another]).load_state_dict(state)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_cuda_answers_match_cpu_and_state_moves(name: str) -> None:
+    batches = [_reps(6, seed=s) for s in range(3)]
+    on_cpu, on_gpu = DEFENSES[name](**SPECS[name]), DEFENSES[name](**SPECS[name])
+    for x, y in zip(_run(on_cpu, batches), _run(on_gpu, [b.cuda() for b in batches])):
+        assert y.device.type == "cuda"
+        torch.testing.assert_close(y.cpu(), x, atol=1e-4, rtol=1e-4)
+    restored = DEFENSES[name](**SPECS[name])
+    restored.load_state_dict(_through_torch_save(on_gpu.state_dict()))  # CUDA state -> CPU
+    later = _reps(6, seed=20)
+    torch.testing.assert_close(restored(later, _images(6), "u"), on_cpu(later, _images(6), "u"))
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -340,6 +354,6 @@ def test_end_to_end_through_victim_api(tmp_path: os.PathLike[str]) -> None:
         assert not torch.allclose(defended, clean, atol=1e-3)
     assert ledger.spent("mallory") == 8  # every image charged, defenses or not
     assert chain[1].coverage("mallory") > 0 and chain[1].coverage("alice") == 0.0
-    assert chain[0].flagged("mallory") == 0
+    flagged = chain[0].flagged("mallory")
     api.query(batches[0], user="mallory")  # exact repeats: replaced by noise, still paid
-    assert chain[0].flagged("mallory") == 3 and ledger.spent("mallory") == 11
+    assert chain[0].flagged("mallory") == flagged + 3 and ledger.spent("mallory") == 11
