@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.common import build_victim_api, fail, make_accelerator, parse_job_args  # noqa: E402
 from stealer.config import save_config  # noqa: E402
+from stealer.preempt import PREEMPT_EXIT_CODE, Preempted  # noqa: E402
 from stealer.steal import StealConfig, run_query_phase, run_train_phase  # noqa: E402
 
 
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> dict:
             out["query"]["wall_seconds"] = time.time() - t0
         if "train" in cfg.phases:
             out["train"] = run_train_phase(cfg, acc)
+    except Preempted as e:
+        if acc.is_main_process:
+            print(str(e), flush=True)
+        sys.exit(PREEMPT_EXIT_CODE)
     except (FileNotFoundError, ValueError, ImportError) as e:
         fail(str(e).splitlines()[0])
     except RuntimeError as e:

@@ -27,6 +27,7 @@ from stealer.config import ConfigError, choice, save_config, to_dict
 from stealer.data import ShardStream, open_shards
 from stealer.losses import LOSSES, get_loss
 from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
+from stealer.preempt import Preempted, Preemption
 from stealer.student import StolenEncoder, save_student
 
 __all__ = ["StealConfig", "run_query_phase", "run_train_phase", "steal_step", "QueryTarget"]
@@ -266,6 +267,8 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="steal", dynamic_ncols=True)
     t_start, seen, corrupt = time.time(), 0, 0
     last = {"loss": float("nan")}
+    preempt = Preemption(run, acc)
+    preempt.clear_stale_flag()
     model.train()
     while epoch < cfg.train.epochs:
         for batch in stream.iter_epoch(epoch, start_batch):
@@ -289,8 +292,17 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
                         f.write(json.dumps(last) + "\n")
             if cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0:
                 checkpoint(epoch, batch["index"] + 1)
+            if preempt.should_stop():  # collective: every rank asks at every step
+                if not (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0):
+                    checkpoint(epoch, batch["index"] + 1)
+                bar.close()
+                requeued = preempt.requeue()
+                preempt.close()
+                raise Preempted(f"preempted at step {step}/{total}; checkpoint saved in {run / 'ckpt'}"
+                                + ("; SLURM job requeued" if requeued else "; rerun with --resume auto"))
         epoch, start_batch = epoch + 1, 0
     bar.close()
+    preempt.close()
     checkpoint(epoch, 0)
     if _is_main(acc):
         save_student(raw, run / "student.pt")
