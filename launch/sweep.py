@@ -399,6 +399,8 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "—"
     if isinstance(v, float):
+        if v.is_integer() and abs(v) >= 1:
+            return str(int(v))
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
     return _text(v)
 

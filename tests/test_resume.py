@@ -109,7 +109,10 @@ def test_sigkill_and_preemption_resume_bitwise(setup, nproc):
     _wait_for_step(root / pre, 4, p)
     (root / pre / "PREEMPT").touch()
     out, err = p.communicate(timeout=300)
-    assert p.returncode == 3, err[-3000:]
+    if nproc == 1:
+        assert p.returncode == 3, err[-3000:]
+    else:  # torchrun exits 1 when a worker exits non-zero; the workers' own code is 3
+        assert p.returncode == 1 and "exitcode  : 3" in err, err[-3000:]
     assert "preempted at step" in out
     r = subprocess.run(_cmd(root, victim, pre, nproc) + ["--resume", "auto"], env=_env(), capture_output=True,
                        text=True, timeout=600)
