@@ -84,4 +84,6 @@ def build_victim_api(vcfg: Any, run_dir: str | os.PathLike, device: Any = "cpu")
     ledger = QueryLedger(state / "ledger.sqlite")
     if vcfg.budget is not None:  # the defender's setting; None leaves the stored budget alone
         ledger.set_budget(vcfg.user, vcfg.budget)
-    return VictimAPI(encoder, ledger, device=device)
+    from victims.defenses import build_defenses
+
+    return VictimAPI(encoder, ledger, defenses=build_defenses(list(vcfg.defenses)), device=device)

@@ -65,9 +65,14 @@ class VictimConfig:
     budget: int | None = None  # queries this user may spend (None = unlimited)
     state_dir: str = ""  # where the victim keeps its ledger ('' = <run>/victim_state)
     random_init: bool = False  # the skeptic's control: a random-init victim of the same arch
+    # the defender's chain, e.g. [{name: noise, sigma: 0.1}] (see victims/defenses; in-process victim only)
+    defenses: list[Any] = field(default_factory=list)
 
     def validate(self) -> None:
         choice("victim.representation", self.representation, ["backbone", "projector"])
+        for d in self.defenses:
+            if not isinstance(d, dict) or "name" not in d:
+                raise ConfigError(f"victim.defenses entry {d!r} is not a mapping with a name (e.g. {{name: noise, sigma: 0.1}})")
 
 
 @dataclass
@@ -153,7 +158,7 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     shards = open_shards(cfg.data.query)
     desc = victim.describe()
     meta = {"victim": desc, "victim_checkpoint": os.path.abspath(cfg.victim.checkpoint),
-            "random_init_victim": cfg.victim.random_init, "user": cfg.victim.user, "query_set": os.path.abspath(cfg.data.query),
+            "random_init_victim": cfg.victim.random_init, "defenses": cfg.victim.defenses, "user": cfg.victim.user, "query_set": os.path.abspath(cfg.data.query),
             "out_dim": desc.get("out_dim"), "channels": cfg.data.channels, "image_size": [cfg.data.image_size] * 2,
             "classes": shards.manifest.get("classes", []), "image_ext": shards.manifest.get("image_ext", "png")}
     cache.check_meta(meta)

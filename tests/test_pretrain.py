@@ -78,3 +78,24 @@ def test_steal_single_process_resume_and_budget(victim, acc, tmp_path):
     more = run_train_phase(cfg, acc)
     assert more["steps"] == 3 * 3
     assert api.ledger.spent("attacker") == 192
+
+
+def test_defense_chain_from_config(victim, tmp_path):
+    from launch.common import build_victim_api
+
+    root, path = victim
+    base = [f"out_dir={tmp_path}", f"victim.checkpoint={path}"]
+    plain = build_victim_api(load_config(StealConfig, None, base + ["name=a"]).victim, tmp_path / "a")
+    noisy = build_victim_api(load_config(StealConfig, None, base + ["name=b", "victim.defenses=[{name: noise, sigma: 1.0}]"]).victim,
+                             tmp_path / "b")
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    a, b = plain.query(x, "u"), noisy.query(x, "u")
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    assert (b - a).std().item() == pytest.approx(1.0, rel=0.35)
+    assert plain.ledger.spent("u") == noisy.ledger.spent("u") == 4
+    from stealer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a mapping with a name"):
+        load_config(StealConfig, None, ["victim.defenses=[noise]"])
+    with pytest.raises(ValueError, match="unknown defense"):
+        build_victim_api(load_config(StealConfig, None, base + ["name=c", "victim.defenses=[{name: nois}]"]).victim, tmp_path / "c")
