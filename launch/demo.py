@@ -33,18 +33,18 @@ from stealer.steal import StealConfig, run_query_phase, run_train_phase  # noqa:
 CONFIGS = REPO / "launch" / "configs"
 
 
-def steal(cfg: StealConfig, acc) -> tuple[int, dict[str, float]]:
-    """Query + train phases; returns (queries spent by the user, seconds per phase)."""
+def steal(cfg: StealConfig, acc) -> tuple[int, dict[str, float], int]:
+    """Query + train phases; returns (queries spent by the user, seconds per phase, corrupt images skipped)."""
     save_config(cfg, cfg.run_dir / "config.yaml")
     t0 = time.time()
     api = build_victim_api(cfg.victim, cfg.run_dir, device=acc.device)
     q = run_query_phase(cfg, api, acc)
     t1 = time.time()
-    run_train_phase(cfg, acc)
+    tr = run_train_phase(cfg, acc)
     spent = api.ledger.spent(cfg.victim.user)
     print(f"[{cfg.name}] queries sent this run {q['queries_sent']}, spent in total {spent}; "
           f"query {t1 - t0:.0f}s, train {time.time() - t1:.0f}s", flush=True)
-    return spent, {"query": t1 - t0, "train": time.time() - t1}
+    return spent, {"query": t1 - t0, "train": time.time() - t1}, q["corrupt_skipped"] + tr["corrupt_skipped"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         ccfg = load_config(StealConfig, CONFIGS / "demo.yaml", overrides + ["name=control", "victim.random_init=true"])
     except ConfigError as e:
         fail(str(e))
-    spent, sec = steal(scfg, acc)
+    spent, sec, corrupt = steal(scfg, acc)
     seconds.update({f"steal_{k}": v for k, v in sec.items()})
-    _, sec = steal(ccfg, acc)
+    _, sec, _ = steal(ccfg, acc)
     seconds.update({f"control_{k}": v for k, v in sec.items()})
 
     t = time.time()
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     primary = "animal_mnist"
     fid = results["stolen"][primary].get("fidelity", {})
     rep = build_report(results, primary_set=primary, queries_spent=spent, seconds=seconds,
-                       extra={"fidelity": fid, "loss": scfg.train.loss, "query_images": scfg.query.num_queries or 3000})
+                       extra={"fidelity": fid, "loss": scfg.train.loss, "corrupt_images_skipped": corrupt,
+                              "query_images": scfg.query.num_queries or 3000})
     md = write_report(rep, root)
     print("\n" + md)
     print(f"report: {root / 'report.json'}  {root / 'report.md'}")

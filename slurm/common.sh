@@ -68,7 +68,8 @@ sslsteal_preemptible() {
   if [ "$rc" -gt 128 ]; then rc=0; wait "$child" || rc=$?; fi  # the child's own status
   trap - USR2 TERM
   if [ "$rc" = 3 ]; then
-    echo "sslsteal: preempted: checkpoint saved; the job was requeued by rank 0 (or rerun it: --resume auto)" >&2
+    echo "sslsteal: preempted (exit 3): checkpoint saved; rank 0 asked SLURM to requeue the job (see above;" \
+         "if it could not, resubmit: the run resumes with --resume auto)" >&2
   fi
   return "$rc"
 }

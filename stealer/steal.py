@@ -87,9 +87,16 @@ class QueryConfig:
 
 @dataclass
 class StudentConfig:
-    arch: str = "resnet18"
+    arch: str = "resnet18"  # a victims.backbones name or timm:<model>
     width: int = 32
     stem: str = "small"
+
+    def validate(self) -> None:
+        from victims.backbones import BACKBONES, STEMS
+
+        if not self.arch.startswith("timm:"):
+            choice("student.arch", self.arch, list(BACKBONES) + ["timm:<model name>"])
+            choice("student.stem", self.stem, list(STEMS))
 
 
 @dataclass
