@@ -7,6 +7,9 @@
 #   sudo slurm/local_cluster.sh stop      stop the three daemons it started (by pid file)
 #   slurm/local_cluster.sh status         sinfo + the daemons' pids
 #
+# SSLSTEAL_SLURM_NODES=2 makes two nodes (<host>-0, <host>-1; one slurmd each on ports
+# 16818/16819, the CPUs split between them) to try slurm/multinode.sbatch on one machine.
+#
 # Idempotent: a second `start` leaves running daemons alone (it restarts them only when the
 # config it writes changed). Everything private lives under $SSLSTEAL_SLURM_ROOT (default
 # /var/spool/sslsteal-slurm): munge key + socket, controller state, slurmd spool, logs, pids.
@@ -20,6 +23,7 @@ ROOT=${SSLSTEAL_SLURM_ROOT:-/var/spool/sslsteal-slurm}
 CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 NODE=$(hostname -s)
 CPUS=${SSLSTEAL_SLURM_CPUS:-$(nproc)}
+NODES=${SSLSTEAL_SLURM_NODES:-1}
 CTLD_PORT=${SSLSTEAL_SLURMCTLD_PORT:-16817}
 SLURMD_PORT=${SSLSTEAL_SLURMD_PORT:-16818}
 MARK="# written by sslsteal slurm/local_cluster.sh"
@@ -43,6 +47,21 @@ install_packages() {
   apt-get install -y -q slurm-wlm munge >/dev/null
 }
 
+node_names() {
+  if [ "$NODES" = 1 ]; then echo "$NODE"; else for i in $(seq 0 $((NODES - 1))); do echo "$NODE-$i"; done; fi
+}
+
+node_lines() {
+  if [ "$NODES" = 1 ]; then
+    echo "NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN"
+  else
+    local i per=$(( CPUS / NODES > 0 ? CPUS / NODES : 1 ))
+    for i in $(seq 0 $((NODES - 1))); do
+      echo "NodeName=$NODE-$i NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + i)) CPUs=$per State=UNKNOWN"
+    done
+  fi
+}
+
 write_config() {  # prints "changed" when the config file was (re)written
   mkdir -p "$(dirname "$CONF")" "$ROOT"/{munge,ctld,slurmd,log,run}
   chmod 700 "$ROOT/munge"
@@ -63,11 +82,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$SOCKET
 StateSaveLocation=$ROOT/ctld
-SlurmdSpoolDir=$ROOT/slurmd
+SlurmdSpoolDir=$ROOT/slurmd/%n
 SlurmctldPidFile=$ROOT/run/slurmctld.pid
-SlurmdPidFile=$ROOT/run/slurmd.pid
+SlurmdPidFile=$ROOT/run/slurmd-%n.pid
 SlurmctldLogFile=$ROOT/log/slurmctld.log
-SlurmdLogFile=$ROOT/log/slurmd.log
+SlurmdLogFile=$ROOT/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -85,8 +104,8 @@ MinJobAge=600
 KillWait=30
 SlurmctldTimeout=60
 SlurmdTimeout=60
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$(node_lines)
+PartitionName=debug Nodes=$(node_names | paste -sd, -) Default=YES MaxTime=INFINITE State=UP
 EOF
 )
   if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$new" ]; then
@@ -124,16 +143,21 @@ stop_pidfile() {  # stop_pidfile NAME PIDFILE: TERM the pid in the file, wait, t
 }
 
 wait_idle() {
-  local state
+  local state ready n names
+  names=$(node_names | paste -sd, -)
   for _ in $(seq 120); do
-    state=$(sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -1 || true)
-    case "$state" in
-      idle|mixed|allocated|completing) log "node $NODE is $state"; return 0 ;;
-      down*|drain*|drained*) scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
-    esac
+    ready=0
+    for n in $(node_names); do
+      state=$(sinfo -h -n "$n" -o '%T' 2>/dev/null | head -1 || true)
+      case "$state" in
+        idle|mixed|allocated|completing) ready=$((ready + 1)) ;;
+        down*|drain*|drained*) scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true ;;
+      esac
+    done
+    if [ "$ready" = "$NODES" ]; then log "node(s) $names ready"; return 0; fi
     sleep 0.5
   done
-  die "node $NODE not idle after 60 s (state: ${state:-no answer from slurmctld}); see $ROOT/log/"
+  die "node(s) $names not idle after 60 s (last state: ${state:-no answer from slurmctld}); see $ROOT/log/"
 }
 
 cmd_start() {
@@ -143,7 +167,7 @@ cmd_start() {
   changed=$(write_config)
   if [ -n "$changed" ]; then
     log "wrote $CONF"
-    stop_pidfile slurmd "$ROOT/run/slurmd.pid"
+    stop_slurmds
     stop_pidfile slurmctld "$ROOT/run/slurmctld.pid"
   fi
   start_munge
@@ -151,24 +175,37 @@ cmd_start() {
     log "starting slurmctld"
     slurmctld -f "$CONF"
   fi
-  if ! alive "$ROOT/run/slurmd.pid"; then
-    log "starting slurmd"
-    slurmd -f "$CONF"
-  fi
+  local n
+  for n in $(node_names); do
+    if ! alive "$ROOT/run/slurmd-$n.pid"; then
+      log "starting slurmd for node $n"
+      mkdir -p "$ROOT/slurmd/$n"
+      if [ "$NODES" = 1 ]; then slurmd -f "$CONF"; else slurmd -f "$CONF" -N "$n"; fi
+    fi
+  done
   wait_idle
   sinfo
 }
 
+stop_slurmds() {
+  local f
+  for f in "$ROOT"/run/slurmd-*.pid "$ROOT"/run/slurmd.pid; do
+    [ -e "$f" ] && stop_pidfile "$(basename "$f" .pid)" "$f"
+  done
+  return 0
+}
+
 cmd_stop() {
-  stop_pidfile slurmd "$ROOT/run/slurmd.pid"
+  stop_slurmds
   stop_pidfile slurmctld "$ROOT/run/slurmctld.pid"
   stop_pidfile munged "$ROOT/munge/munged.pid"
 }
 
 cmd_status() {
-  local n
-  for n in munge/munged run/slurmctld run/slurmd; do
-    if alive "$ROOT/$n.pid"; then echo "$(basename "$n"): pid $(cat "$ROOT/$n.pid")"; else echo "$(basename "$n"): not running"; fi
+  local f
+  for f in "$ROOT"/munge/munged.pid "$ROOT"/run/slurmctld.pid "$ROOT"/run/slurmd-*.pid; do
+    [ -e "$f" ] || continue
+    if alive "$f"; then echo "$(basename "$f" .pid): pid $(cat "$f")"; else echo "$(basename "$f" .pid): not running"; fi
   done
   sinfo
 }

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "resolve_resume", "atomic_torch_save", "config_diff"]
+__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "resolve_resume", "atomic_torch_save", "config_diff",
+           "rng_state", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 FORMAT = "sslsteal-ckpt/1"
@@ -108,3 +110,31 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: set[str] = fro
         elif a != b:
             out.append(key)
     return out
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, CUDA when present) in a weights_only-safe form."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    import numpy as np
+
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -22,7 +22,7 @@ import torch
 
 from stealer.augment import augment, batch_generator, normalize
 from stealer.cache import ResponseCache
-from stealer.ckpt import config_diff, resolve_resume, save_checkpoint
+from stealer.ckpt import config_diff, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from stealer.config import ConfigError, choice, save_config, to_dict
 from stealer.data import ShardStream, open_shards
 from stealer.losses import LOSSES, get_loss
@@ -224,6 +224,7 @@ def steal_step(model: torch.nn.Module, raw: StolenEncoder, opt: torch.optim.Opti
 
 def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     """Train the stolen encoder on the cached responses; returns final metrics."""
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     acc = accelerator
@@ -257,10 +258,19 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
         if changed:
             raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(changed[:6])}); "
                              f"use a new run name (name=...) or resume=none to start over")
+        if state.get("cache_samples", shards.num_samples) != shards.num_samples:
+            raise ValueError(f"the response cache {run / 'cache'} changed since checkpoint {path} "
+                             f"({state['cache_samples']} → {shards.num_samples} samples); use a new run name or resume=none")
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        if state.get("world_size", world) != world and _is_main(acc):
+            print(f"warning: checkpoint {path} was written by {state['world_size']} processes, this run has {world}: "
+                  f"epoch {epoch} is re-planned from batch {start_batch}, so it is not an exact continuation", flush=True)
+        rngs = state.get("rng", [])
+        if len(rngs) == world:  # every rank gets its own generators back (same world size)
+            set_rng_state(rngs[rank])
         if _is_main(acc):
             print(f"resumed from {path} at epoch {epoch}, batch {start_batch} (step {step}/{total})", flush=True)
     model, opt = acc.prepare(student, opt)  # never prepare the stream or the schedule (see data.py)
@@ -269,10 +279,12 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     def checkpoint(ep: int, nb: int) -> None:
         if ep < cfg.train.epochs and nb >= steps_per_epoch:
             ep, nb = ep + 1, 0
+        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
         if _is_main(acc):
             save_checkpoint(run / "ckpt", step, {
                 "student": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": ep, "batch": nb, "step": step, "config": to_dict(cfg)}, keep=cfg.train.keep)
+                "epoch": ep, "batch": nb, "step": step, "config": to_dict(cfg), "rng": rngs,
+                "cache_samples": shards.num_samples, "world_size": world}, keep=cfg.train.keep)
         acc.wait_for_everyone()
 
     metrics_path = run / "metrics.jsonl"

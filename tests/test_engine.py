@@ -119,3 +119,18 @@ def test_linear_probe_separable_vs_noise():
     assert good["top1"] > 0.95 and bad["top1"] < 0.45
     with pytest.raises(ValueError, match="must be labelled"):
         linear_probe(x[:10], -torch.ones(10, dtype=torch.long), x[:5], y[:5])
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    import random
+
+    from stealer.ckpt import rng_state, set_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    save_checkpoint(tmp_path, 1, {"rng": [rng_state()]})
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    _, state = find_latest(tmp_path)  # loaded with weights_only=True
+    set_rng_state(state["rng"][0])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
