@@ -65,6 +65,8 @@ def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Any:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     use_cpu = cpu or not torch.cuda.is_available()
+    if mixed_precision == "auto":
+        mixed_precision = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if use_cpu and mixed_precision == "fp16":
         mixed_precision = "no"  # fp16 autocast is a GPU feature; bf16 works on CPU
     return Accelerator(cpu=use_cpu, mixed_precision=mixed_precision)

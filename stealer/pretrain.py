@@ -53,7 +53,7 @@ class VictimTrainConfig:
     momentum: float = 0.9
     fix_pred_lr: bool = True
     warmup_epochs: float = 0.0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     ckpt_every: int = 200
     log_every: int = 10
 
@@ -62,7 +62,7 @@ class VictimTrainConfig:
         return Path(self.out_dir) / self.name
 
     def validate(self) -> None:
-        choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
+        choice("mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
 
 
 def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:

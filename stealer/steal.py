@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -112,7 +114,9 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     final_lr_fraction: float = 0.0
     augment: bool = True  # augment the student's view of each query image
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | no | bf16 | fp16
+    channels_last: bool = False  # NHWC memory format for the student (faster convs on GPUs)
+    compile: bool = False  # torch.compile the student
     drop_last: bool = False
     ckpt_every: int = 200  # steps
     keep: int = 2  # checkpoints kept
@@ -121,7 +125,7 @@ class TrainConfig:
     def validate(self) -> None:
         choice("train.loss", self.loss, LOSSES)
         choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        choice("train.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
+        choice("train.mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
 
 
 @dataclass
@@ -178,16 +182,29 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     wanted = stream.samples_per_epoch
     t0 = time.time()
     sent = corrupt = 0
-    for batch in stream.iter_epoch(0):
-        corrupt += batch["corrupt"]
-        todo = [i for i, k in enumerate(batch["key"]) if k not in done]
-        if not todo:
-            continue
-        idx = torch.tensor(todo)
-        reps = victim.query(batch["image"][idx], cfg.victim.user)  # charged by the victim, per image
-        sent += len(todo)
-        cache.write_batch([batch["key"][i] for i in todo], [batch["bytes"][i] for i in todo],
-                          batch["label"][idx].tolist(), reps.detach().float().cpu().numpy())
+    # responses are written by a background thread so that the victim's forward is the only cost
+    # on this path; at most two batches are in flight, and every one of them reaches disk before
+    # this function returns or raises (a budget error included)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+    pending: deque = deque()
+    try:
+        for batch in stream.iter_epoch(0):
+            corrupt += batch["corrupt"]
+            todo = [i for i, k in enumerate(batch["key"]) if k not in done]
+            if not todo:
+                continue
+            idx = torch.tensor(todo)
+            reps = victim.query(batch["image"][idx], cfg.victim.user)  # charged by the victim, per image
+            sent += len(todo)
+            pending.append(writer.submit(cache.write_batch, [batch["key"][i] for i in todo],
+                                         [batch["bytes"][i] for i in todo], batch["label"][idx].tolist(),
+                                         reps.detach().float().cpu().numpy()))
+            while len(pending) > 2:
+                pending.popleft().result()
+    finally:
+        while pending:
+            pending.popleft().result()
+        writer.shutdown()
     stats = torch.tensor([sent, corrupt], dtype=torch.long)
     if accelerator is not None and world > 1:
         accelerator.wait_for_everyone()
@@ -273,8 +290,12 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
             set_rng_state(rngs[rank])
         if _is_main(acc):
             print(f"resumed from {path} at epoch {epoch}, batch {start_batch} (step {step}/{total})", flush=True)
+    if cfg.train.channels_last:
+        student = student.to(memory_format=torch.channels_last)
     model, opt = acc.prepare(student, opt)  # never prepare the stream or the schedule (see data.py)
     raw = acc.unwrap_model(model)
+    if cfg.train.compile:
+        model = torch.compile(model)
 
     def checkpoint(ep: int, nb: int) -> None:
         if ep < cfg.train.epochs and nb >= steps_per_epoch:
@@ -297,6 +318,8 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     while epoch < cfg.train.epochs:
         for batch in stream.iter_epoch(epoch, start_batch):
             x = batch["image"].to(acc.device, non_blocking=True)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = batch["response"].to(acc.device, non_blocking=True)
             if x.shape[0] == 0:
                 raise RuntimeError(f"batch {batch['index']} of epoch {epoch} has no decodable image ({batch['corrupt']} corrupt); check the cache shards")

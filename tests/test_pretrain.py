@@ -99,3 +99,22 @@ def test_defense_chain_from_config(victim, tmp_path):
         load_config(StealConfig, None, ["victim.defenses=[noise]"])
     with pytest.raises(ValueError, match="unknown defense"):
         build_victim_api(load_config(StealConfig, None, base + ["name=c", "victim.defenses=[{name: nois}]"]).victim, tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_steal_bf16_channels_last_compiled(victim, tmp_path):
+    """The GPU-speed switches run on CPU too: bf16 autocast, NHWC and torch.compile (issue 7)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, path = victim
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "launch" / "steal.py"), f"out_dir={tmp_path}", "name=fast", "cpu=true",
+           f"victim.checkpoint={path}", f"data.query={root}/data/animal_mnist/query", "data.image_size=16",
+           "student.width=8", "train.batch_size=64", "train.epochs=1", "train.mixed_precision=bf16",
+           "train.channels_last=true", "train.compile=true"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "fast" / "steal.json").read_text())
+    assert out["train"]["steps"] == 3 and out["train"]["final_loss"] == out["train"]["final_loss"]  # finite, not NaN
