@@ -125,18 +125,28 @@ def _round_robin(counts: list[int]) -> list[tuple[int, int]]:
     return order
 
 
-def decode_image(data: bytes, channels: int, size: int | None) -> torch.Tensor:
-    """Decode image bytes to uint8 ``[C, size, size]`` (shorter side resized, centre-cropped)."""
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
+def decode_image(data: bytes, channels: int, size: int | None) -> np.ndarray:
+    """Decode image bytes to uint8 ``[size, size, C]`` (shorter side resized, centre-cropped).
 
+    PIL does the work (JPEGs are decoded at reduced scale with ``draft`` when they are much
+    larger than ``size``); batches are stacked and turned into ``[N, C, H, W]`` tensors once.
+    """
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    img = torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
-    if size is not None and tuple(img.shape[-2:]) != (size, size):
-        img = F.resize(img, size, antialias=True)
-        img = F.center_crop(img, [size, size])
-    return img.contiguous()
+        if size is not None and im.format == "JPEG":
+            im.draft(mode, (size, size))
+        im = im.convert(mode)
+        if size is not None and im.size != (size, size):
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im)
+    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def _iter_shard(url: str, expected: int) -> Iterator[dict | None]:
@@ -261,7 +271,8 @@ def _collate(samples: list[dict | None], index: int, channels: int, size: int | 
         "key": keys,
         "label": torch.tensor(labels, dtype=torch.long),
         "corrupt": corrupt,
-        "image": torch.stack(images) if images else torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8),
+        "image": (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images
+                  else torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8)),
     }
     if keep_bytes:
         batch["bytes"] = raw
