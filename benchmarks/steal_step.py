@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--queries", type=int, default=2048)
+    p.add_argument("--workers", type=int, default=1, help="decode processes of the query phase")
     p.add_argument("--cpu", action="store_true")
     a = p.parse_args()
 
@@ -113,7 +114,7 @@ def main() -> None:
                      channels=a.channels, image_size=[a.size, a.size])
         cfg = load_config(StealConfig, None, [f"out_dir={tmp}", "name=bench", f"data.query={tmp}/q",
                                               f"data.image_size={a.size}", f"data.channels={a.channels}",
-                                              f"query.batch_size={a.batch}"])
+                                              f"query.batch_size={a.batch}", f"data.workers={a.workers}"])
         api = VictimAPI(victim, QueryLedger(Path(tmp) / "ledger.sqlite"), device=dev)
         t = time.perf_counter()
         run_query_phase(cfg, api, acc)

@@ -255,7 +255,7 @@ def _cell(s: Stat | None) -> str:
 
 
 def _line_label(attack: str, defense: str) -> str:
-    return attack if defense == "none" else f"{attack} vs {defense}"
+    return attack if defense == "none" else f"{attack} (defense: {defense})"
 
 
 def markdown(tables: Sequence[CurveTable], *, title: str | None = None, images: dict[tuple[str, str], str] | None = None) -> str:
@@ -322,6 +322,13 @@ def plot_table(t: CurveTable, path: str | Path, *, title: str | None = None) -> 
     for enc, s in t.references.items():
         ax.axhline(s.mean, linewidth=1.2, label=f"{enc} ({s.mean:.3f})", **styles.get(enc, dict(color="C7", linestyle="-.")))
     ax.set_xscale("log")
+    qs = [q for q in t.queries if q > 0]
+    if qs:  # label the budgets themselves, not powers of ten
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.set_xticks(qs)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _q(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("victim queries")
     ax.set_ylabel(f"{t.probe} top-1 on {t.set}")
     ax.set_title(title or f"stolen accuracy vs. queries — {t.set} ({t.probe})", fontsize=10)

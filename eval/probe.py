@@ -66,7 +66,8 @@ def linear_probe(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Top-1 of a linear classifier on frozen features; returns test/train top-1 and the chosen L2.
+    """Top-1 of a linear classifier on frozen features; returns test/train top-1, the chosen L2 and
+    the test ``predictions`` (a tensor; drop it before writing JSON).
 
     Args:
         train_x, train_y, test_x, test_y: features ``[N, D]`` and integer labels (the same on every rank).
@@ -90,5 +91,8 @@ def linear_probe(
             if acc > best_acc + 1e-9:
                 best_wd, best_acc = wd, acc
     model = _fit(xtr, train_y, num_classes, best_wd, steps=steps, lr=lr, seed=seed, accelerator=accelerator)
+    with torch.no_grad():
+        predictions = model(xte).argmax(1)
     return {"top1": _accuracy(model, xte, test_y), "train_top1": _accuracy(model, xtr, train_y),
+            "predictions": predictions,
             "weight_decay": float(best_wd), "val_top1": float(best_acc)}

@@ -10,7 +10,8 @@ from typing import Any, Callable
 import torch
 
 from eval.features import extract_features
-from eval.metrics import fidelity
+from eval.knn import knn_classify
+from eval.metrics import fidelity, prediction_agreement, rank_correlation
 from eval.probe import linear_probe
 from stealer.config import ConfigError, choice
 from stealer.student import StolenEncoder, load_student
@@ -38,6 +39,7 @@ class ProbeConfig:
     train_limit: int | None = None  # use only the first N probe-train images (a few-label probe); None = all
     batch_size: int = 500
     steps: int = 300
+    knn_k: int = 20
     lr: float = 0.01
 
     @property
@@ -108,6 +110,8 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
     for spec in cfg.sets:
         set_name, train_dir, test_dir = parse_set(spec)
         test_feats: dict[str, torch.Tensor] = {}
+        preds: dict[str, torch.Tensor] = {}
+        knn_preds: dict[str, torch.Tensor] = {}
         for enc_name, enc in encoders.items():
             t0 = time.time()
             kw = dict(channels=cfg.channels, image_size=cfg.image_size, batch_size=cfg.batch_size,
@@ -116,13 +120,24 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
             xte, yte = extract_features(enc, test_dir, **kw)
             test_feats[enc_name] = xte
             res = linear_probe(xtr, ytr, xte, yte, accelerator=acc, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed)
+            preds[enc_name] = res.pop("predictions")
+            knn = knn_classify(xtr, ytr, xte, yte, k=cfg.knn_k, accelerator=acc, return_predictions=True)
+            knn_preds[enc_name] = knn.pop("predictions")
+            res["knn"] = knn
             res["seconds"] = time.time() - t0
             res["n_train"], res["n_test"] = len(ytr), len(yte)
             results[enc_name][set_name] = res
         if "victim" in test_feats:
             for enc_name, f in test_feats.items():
-                if enc_name != "victim" and f.shape == test_feats["victim"].shape:
-                    results[enc_name][set_name]["fidelity"] = fidelity(f, test_feats["victim"])
+                if enc_name == "victim":
+                    continue
+                fid: dict[str, float] = {}
+                if f.shape == test_feats["victim"].shape:
+                    fid.update(fidelity(f, test_feats["victim"]))
+                fid["rank_correlation"] = rank_correlation(f, test_feats["victim"])
+                fid["agreement_linear"] = prediction_agreement(preds[enc_name], preds["victim"])
+                fid["agreement_knn"] = prediction_agreement(knn_preds[enc_name], knn_preds["victim"])
+                results[enc_name][set_name]["fidelity"] = fid
         if random_names:  # random init varies a lot between seeds: report the mean and the spread
             tops = [results[n][set_name]["top1"] for n in random_names]
             results.setdefault("random", {})[set_name] = {
@@ -130,5 +145,9 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
         if acc.is_main_process:
             with open(run / "results.jsonl", "a") as fh:
                 for enc_name in results:
-                    fh.write(json.dumps({"encoder": enc_name, "set": set_name, **results[enc_name][set_name]}) + "\n")
+                    r = dict(results[enc_name][set_name])
+                    knn = r.pop("knn", None)
+                    fh.write(json.dumps({"encoder": enc_name, "set": set_name, "probe": "linear", **r}) + "\n")
+                    if knn is not None:
+                        fh.write(json.dumps({"encoder": enc_name, "set": set_name, "probe": "knn", **knn}) + "\n")
     return results

@@ -98,7 +98,11 @@ def test_steal_and_probe_in_two_processes(tmp_path):
               "--dynamo_backend", "no", "--main_process_port", _free_port()] + probe, tmp_path)
     assert '"world_size": 2' in p.stdout, p.stdout[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "probe" / "results.jsonl").read_text().splitlines()]
-    top1 = {r["encoder"]: r["top1"] for r in rows}
+    top1 = {r["encoder"]: r["top1"] for r in rows if r["probe"] == "linear"}
+    knn = {r["encoder"]: r["top1"] for r in rows if r["probe"] == "knn"}
+    assert knn["stolen"] > knn["random_0"] and knn["victim"] > knn["random_0"], knn
+    fid = next(r["fidelity"] for r in rows if r["encoder"] == "stolen" and r["probe"] == "linear")
+    assert 0 < fid["agreement_linear"] <= 1 and -1 <= fid["rank_correlation"] <= 1
     assert set(top1) == {"victim", "stolen", "random", "random_0", "random_1"}
     assert top1["random"] == pytest.approx((top1["random_0"] + top1["random_1"]) / 2)
     print("probe top-1:", top1)
