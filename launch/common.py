@@ -12,7 +12,14 @@ from typing import Any, Sequence, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["parse_job_args", "make_accelerator", "build_victim_api", "config_help", "fail"]
+__all__ = ["parse_job_args", "make_accelerator", "build_victim_api", "queries_spent", "config_help", "fail"]
+
+
+def queries_spent(api: Any, user: str) -> int:
+    """What the victim has charged ``user`` (ledger in-process, usage endpoint over HTTP)."""
+    if hasattr(api, "ledger"):
+        return int(api.ledger.spent(user))
+    return int(api.usage()["spent"])
 
 
 def config_help(cls: type, prefix: str = "") -> list[str]:
@@ -73,7 +80,14 @@ def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Any:
 
 
 def build_victim_api(vcfg: Any, run_dir: str | os.PathLike, device: Any = "cpu") -> Any:
-    """The in-process victim: the encoder behind a VictimAPI with a persistent per-user ledger."""
+    """The victim transport: an HTTP client when ``victim.url`` is set, else the in-process
+    encoder behind a VictimAPI with a persistent per-user ledger."""
+    if vcfg.url:
+        from stealer.client import HTTPVictim, load_or_create_nonce, read_api_key
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return HTTPVictim(vcfg.url, read_api_key(vcfg.api_key_file),
+                          max_retries=vcfg.max_retries, nonce=load_or_create_nonce(Path(run_dir) / "client_nonce"))
     from victims.api import VictimAPI
     from victims.ledger import QueryLedger
     from victims.simsiam import load_victim_encoder, random_victim

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from eval.report import build_report, write_report  # noqa: E402
 from eval.run import ProbeConfig, run_probe  # noqa: E402
-from launch.common import build_victim_api, fail, make_accelerator  # noqa: E402
+from launch.common import build_victim_api, fail, make_accelerator, queries_spent  # noqa: E402
 from stealer.config import ConfigError, load_config, save_config  # noqa: E402
 from stealer.pretrain import VictimTrainConfig, train_simsiam_victim  # noqa: E402
 from stealer.shards import build_default_data  # noqa: E402
@@ -41,7 +41,7 @@ def steal(cfg: StealConfig, acc) -> tuple[int, dict[str, float], int]:
     q = run_query_phase(cfg, api, acc)
     t1 = time.time()
     tr = run_train_phase(cfg, acc)
-    spent = api.ledger.spent(cfg.victim.user)
+    spent = queries_spent(api, cfg.victim.user)
     print(f"[{cfg.name}] queries sent this run {q['queries_sent']}, spent in total {spent}; "
           f"query {t1 - t0:.0f}s, train {time.time() - t1:.0f}s", flush=True)
     return spent, {"query": t1 - t0, "train": time.time() - t1}, q["corrupt_skipped"] + tr["corrupt_skipped"]
@@ -98,4 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        fail(str(e).splitlines()[0])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import build_victim_api, fail, make_accelerator, parse_job_args  # noqa: E402
+from launch.common import build_victim_api, fail, make_accelerator, parse_job_args, queries_spent  # noqa: E402
 from stealer.config import save_config  # noqa: E402
 from stealer.preempt import PREEMPT_EXIT_CODE, Preempted  # noqa: E402
 from stealer.steal import StealConfig, run_query_phase, run_train_phase  # noqa: E402
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.time()
             api = build_victim_api(cfg.victim, cfg.run_dir, device=acc.device)
             out["query"] = run_query_phase(cfg, api, acc)
-            out["query"]["ledger_spent"] = api.ledger.spent(cfg.victim.user)
+            out["query"]["ledger_spent"] = queries_spent(api, cfg.victim.user)
             out["query"]["wall_seconds"] = time.time() - t0
         if "train" in cfg.phases:
             out["train"] = run_train_phase(cfg, acc)
@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> dict:
         if acc.is_main_process:
             print(str(e), flush=True)
         sys.exit(PREEMPT_EXIT_CODE)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, ValueError, ImportError, ConnectionError) as e:
         fail(str(e).splitlines()[0])
     except RuntimeError as e:
         if type(e).__name__ == "BudgetExceeded":
             cached = cfg.run_dir / "cache"
             fail(f"{e}; every response paid for so far is kept in {cached}; raise victim.budget or lower query.num_queries and rerun")
+        if type(e).__name__ == "VictimHTTPError":
+            fail(str(e).splitlines()[0])
         raise
     if acc.is_main_process:
         (cfg.run_dir / "steal.json").write_text(json.dumps(out, indent=1))

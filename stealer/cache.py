@@ -70,7 +70,9 @@ class ResponseCache:
         path = self.root / "cache.json"
         if path.is_file():
             old = json.loads(path.read_text())
-            diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+            # a key an older cache did not record is compatible when it is empty/off now
+            diff = {k: (old.get(k), v) for k, v in meta.items()
+                    if (old[k] != v if k in old else v not in (None, [], {}, False, ""))}
             if diff:
                 raise ValueError(
                     f"response cache {self.root} was made with other settings {diff}; use a new run name or delete the cache"

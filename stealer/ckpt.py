@@ -98,9 +98,12 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> tuple[Path, dict
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: set[str] = frozenset(), prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts (``ignore`` holds dotted keys)."""
+    """Dotted keys whose values differ between two nested config dicts (``ignore`` holds dotted keys).
+
+    Keys the old config does not have (added by a later version) are not compared.
+    """
     out = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted(old):
         key = prefix + k
         if key in ignore:
             continue

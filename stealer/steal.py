@@ -69,9 +69,14 @@ class VictimConfig:
     random_init: bool = False  # the skeptic's control: a random-init victim of the same arch
     # the defender's chain, e.g. [{name: noise, sigma: 0.1}] (see victims/defenses; in-process victim only)
     defenses: list[Any] = field(default_factory=list)
+    url: str = ""  # query a victim server (launch/serve.py) over HTTP instead of in-process
+    api_key_file: str = ""  # file holding the API key for url
+    max_retries: int = 8  # HTTP retries (exponential backoff with jitter, honouring Retry-After)
 
     def validate(self) -> None:
         choice("victim.representation", self.representation, ["backbone", "projector"])
+        if self.url and not self.api_key_file:
+            raise ConfigError("victim.url is set but victim.api_key_file is not; create a key with python launch/serve.py add-user NAME")
         for d in self.defenses:
             if not isinstance(d, dict) or "name" not in d:
                 raise ConfigError(f"victim.defenses entry {d!r} is not a mapping with a name (e.g. {{name: noise, sigma: 0.1}})")
@@ -153,7 +158,8 @@ class StealConfig:
 
 # what may differ between a checkpoint's run and the run resuming it
 RESUME_MAY_CHANGE = {"resume", "phases", "cpu", "out_dir", "train.epochs", "train.ckpt_every", "train.keep",
-                     "train.log_every", "data.workers", "victim.budget", "victim.state_dir", "query.batch_size"}
+                     "train.log_every", "data.workers", "victim.budget", "victim.state_dir", "query.batch_size",
+                     "train.mixed_precision", "train.channels_last", "train.compile"}  # speed, not the target
 
 
 def _is_main(acc: Any) -> bool:
@@ -168,7 +174,8 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     cache = ResponseCache(run / "cache", rank=rank, dtype=cfg.query.dtype)
     shards = open_shards(cfg.data.query)
     desc = victim.describe()
-    meta = {"victim": desc, "victim_checkpoint": os.path.abspath(cfg.victim.checkpoint),
+    meta = {"victim": desc,
+            "victim_checkpoint": cfg.victim.url or os.path.abspath(cfg.victim.checkpoint),
             "random_init_victim": cfg.victim.random_init, "defenses": cfg.victim.defenses, "user": cfg.victim.user, "query_set": os.path.abspath(cfg.data.query),
             "out_dim": desc.get("out_dim"), "channels": cfg.data.channels, "image_size": [cfg.data.image_size] * 2,
             "classes": shards.manifest.get("classes", []), "image_ext": shards.manifest.get("image_ext", "png")}

@@ -8,7 +8,6 @@ the end-to-end tests run the steal's query phase against a real uvicorn server o
 from __future__ import annotations
 
 import io
-import os
 import signal
 import socket
 import subprocess

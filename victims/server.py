@@ -386,6 +386,8 @@ class _Service:
         self.api, self.db, self.max_batch = api, os.fspath(keys_db), int(max_batch)
         self.response_dtype = response_dtype
         self.idem_ttl, self.idem_max_bytes = float(idempotency_ttl_s), int(idempotency_max_bytes)
+        # bytes stored, tracked so that the store is scanned only when it may be over a bound
+        self._idem_bytes, self._last_prune = self._stored_bytes(), 0.0
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
@@ -451,18 +453,29 @@ class _Service:
                 con.execute(
                     "INSERT OR REPLACE INTO idempotency (user, key, fingerprint, body, images, created) "
                     "VALUES (?, ?, ?, ?, ?, ?)", (user, idem_key, fingerprint, out, n, now))
-                self._prune(con, now)
+                self._prune(con, now, len(out))
 
-    def _prune(self, con: sqlite3.Connection, now: float) -> None:
-        con.execute("DELETE FROM idempotency WHERE created < ?", (now - self.idem_ttl,))
-        total = con.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM idempotency").fetchone()[0]
-        if total <= self.idem_max_bytes:
+    def _stored_bytes(self, con: sqlite3.Connection | None = None) -> int:
+        if con is None:
+            with closing(_connect(self.db)) as con:
+                return self._stored_bytes(con)
+        return int(con.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM idempotency").fetchone()[0])
+
+    def _prune(self, con: sqlite3.Connection, now: float, added: int) -> None:
+        """Evict expired answers (checked at most every minute), then the oldest while over the size bound."""
+        self._idem_bytes += added
+        if self._idem_bytes <= self.idem_max_bytes and now - self._last_prune < min(60.0, self.idem_ttl):
             return
-        for rowid, size in con.execute("SELECT rowid, LENGTH(body) FROM idempotency ORDER BY created").fetchall():
-            if total <= self.idem_max_bytes:
-                break
-            con.execute("DELETE FROM idempotency WHERE rowid = ?", (rowid,))
-            total -= size
+        self._last_prune = now
+        con.execute("DELETE FROM idempotency WHERE created < ?", (now - self.idem_ttl,))
+        total = self._stored_bytes(con)
+        if total > self.idem_max_bytes:
+            for rowid, size in con.execute("SELECT rowid, LENGTH(body) FROM idempotency ORDER BY created").fetchall():
+                if total <= self.idem_max_bytes:
+                    break
+                con.execute("DELETE FROM idempotency WHERE rowid = ?", (rowid,))
+                total -= size
+        self._idem_bytes = total
 
 
 def create_app(
