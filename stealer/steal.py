@@ -110,6 +110,7 @@ class StudentConfig:
 class TrainConfig:
     loss: str = "infonce"
     temperature: float = 0.2
+    loss_args: Any = field(default_factory=dict)  # extra keyword arguments of the loss, e.g. {temperature: 100} for softnn
     epochs: int = 30
     batch_size: int = 256  # per rank
     optimizer: str = "lars"
@@ -129,6 +130,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         choice("train.loss", self.loss, LOSSES)
+        if not isinstance(self.loss_args, dict):
+            raise ConfigError(f"train.loss_args must be a mapping (e.g. {{lambd: 0.005}}), got {self.loss_args!r}")
         choice("train.optimizer", self.optimizer, OPTIMIZERS)
         choice("train.mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
 
@@ -230,7 +233,7 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
 
 def steal_step(model: torch.nn.Module, raw: StolenEncoder, opt: torch.optim.Optimizer, sched: Any, loss_fn: Any,
                images: torch.Tensor, responses: torch.Tensor, acc: Any, *, temperature: float,
-               gen: torch.Generator | None = None) -> torch.Tensor:
+               gen: torch.Generator | None = None, loss_args: dict | None = None) -> torch.Tensor:
     """One optimisation step of the student on cached responses (the hot path; see benchmarks/)."""
     x = images.float().div_(255.0)
     if gen is not None:
@@ -238,7 +241,8 @@ def steal_step(model: torch.nn.Module, raw: StolenEncoder, opt: torch.optim.Opti
     x = normalize(x, raw.meta["mean"], raw.meta["std"])
     with acc.autocast():
         s = model(x)  # N x D
-    loss = loss_fn(s.float(), responses, temperature=temperature, gather=acc.num_processes > 1)
+    kwargs = {"temperature": temperature, **(loss_args or {})}
+    loss = loss_fn(s.float(), responses, gather=acc.num_processes > 1, **kwargs)
     opt.zero_grad(set_to_none=True)
     acc.backward(loss)
     opt.step()
@@ -332,7 +336,8 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
                 raise RuntimeError(f"batch {batch['index']} of epoch {epoch} has no decodable image ({batch['corrupt']} corrupt); check the cache shards")
             corrupt += batch["corrupt"]
             gen = batch_generator(cfg.seed, epoch, rank, batch["index"]) if cfg.train.augment else None
-            loss = steal_step(model, raw, opt, sched, loss_fn, x, y, acc, temperature=cfg.train.temperature, gen=gen)
+            loss = steal_step(model, raw, opt, sched, loss_fn, x, y, acc, temperature=cfg.train.temperature, gen=gen,
+                              loss_args=cfg.train.loss_args)
             step += 1
             seen += x.shape[0]
             bar.update(1)

@@ -134,3 +134,30 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     _, state = find_latest(tmp_path)  # loaded with weights_only=True
     set_rng_state(state["rng"][0])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_loss_args_reach_the_loss():
+    cfg = load_config(StealConfig, None, ["train.loss=softnn", "train.loss_args={temperature: 100}"])
+    assert cfg.train.loss_args == {"temperature": 100}
+    with pytest.raises(ConfigError, match="loss_args must be a mapping"):
+        load_config(StealConfig, None, ["train.loss_args=[1]"])
+    from launch.common import make_accelerator
+    from stealer.losses import get_loss
+    from stealer.optim import build_optimizer, build_schedule
+    from stealer.steal import steal_step
+    from stealer.student import StolenEncoder
+
+    torch.manual_seed(0)
+    seen = {}
+
+    def spy(s, t, **kw):
+        seen.update(kw)
+        return get_loss("softnn")(s, t, **kw)
+
+    m = StolenEncoder("resnet18", 8, in_chans=1, width=8, stem="small")
+    opt = build_optimizer("sgd", m, lr=0.1, weight_decay=0.0)
+    sched = build_schedule(opt, 10, 0)
+    x = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
+    loss = steal_step(m, m, opt, sched, spy, x, torch.randn(6, 8), make_accelerator(cpu=True), temperature=0.2,
+                      loss_args=cfg.train.loss_args)
+    assert seen["temperature"] == 100 and torch.isfinite(loss)
