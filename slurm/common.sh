@@ -15,7 +15,8 @@ sslsteal_setup() {
   PY=$SSLSTEAL_PYTHON
   export PYTHONUNBUFFERED=1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-  mkdir -p logs
+  # (no `mkdir logs` here: SLURM opens --output before the script runs; a missing folder makes
+  # the job fail with Reason=JobLaunchFailure and no log at all — create it before sbatch)
 }
 
 sslsteal_gpus() {  # GPUs visible on this node
@@ -42,8 +43,8 @@ sslsteal_launcher() {
 }
 
 # sslsteal_preemptible FLAG CMD... — run CMD in the background and wait for it. SIGUSR2 (sent by
-# `#SBATCH --signal=B:USR2@secs` or `scancel --signal=USR2 --batch`) and SIGTERM reach only this
-# shell or reach the launcher that does not forward them; the trap touches FLAG, which every rank
+# `#SBATCH --signal=B:USR2@secs` before the time limit, or `scancel --signal=USR2 --batch`) reaches
+# only this shell, and launchers do not forward it anyway: the trap touches FLAG, which every rank
 # polls: they agree, checkpoint, rank 0 requeues the job and they exit with code 3. The command is
 # started with USR2 ignored (a launcher killed by USR2 would orphan its workers; the trainer
 # installs its own handler). Returns the command's exit status.
@@ -57,7 +58,11 @@ sslsteal_preemptible() {
   "$@" &
   child=$!
   trap 'echo "sslsteal: SIGUSR2 at $(date +%T): asking job step to checkpoint ($SSLSTEAL_PREEMPT_FLAG)" >&2; touch "$SSLSTEAL_PREEMPT_FLAG"' USR2
-  trap 'echo "sslsteal: SIGTERM at $(date +%T): asking job step to checkpoint ($SSLSTEAL_PREEMPT_FLAG)" >&2; touch "$SSLSTEAL_PREEMPT_FLAG"' TERM
+  # SIGTERM is not a preemption warning: SLURM sends it on scancel, at the time limit and when it
+  # preempts or requeues the job itself; every process of the step gets it (the trainer saves on
+  # it). The flag is not touched — it makes the trainer requeue the job, and a job that requeues
+  # itself on SIGTERM could never be cancelled. This shell only keeps waiting for the trainer.
+  trap 'echo "sslsteal: SIGTERM at $(date +%T): waiting for the job step to save and exit" >&2' TERM
   while :; do
     rc=0
     wait "$child" || rc=$?

@@ -202,12 +202,14 @@ cmd_stop() {
 }
 
 cmd_status() {
-  local f
+  local f n=0
   for f in "$ROOT"/munge/munged.pid "$ROOT"/run/slurmctld.pid "$ROOT"/run/slurmd-*.pid; do
     [ -e "$f" ] || continue
+    n=$((n + 1))
     if alive "$f"; then echo "$(basename "$f" .pid): pid $(cat "$f")"; else echo "$(basename "$f" .pid): not running"; fi
   done
-  sinfo
+  [ "$n" -gt 0 ] || echo "no daemon started by this script is running"
+  sinfo || true
 }
 
 case "${1:-start}" in

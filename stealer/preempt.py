@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 __all__ = ["Preemption", "Preempted", "slurm_job_id", "PREEMPT_EXIT_CODE"]
 
 log = logging.getLogger(__name__)
+_PROCESS_START = time.time()  # a flag file older than this process is left over from an earlier run
 PREEMPT_EXIT_CODE = 3  # "stopped early, checkpointed, resumable with --resume auto"
 
 
@@ -55,9 +57,14 @@ class Preemption:
         self.signalled = signum
 
     def clear_stale_flag(self) -> None:
-        """Remove a flag left by the run that was preempted (call before training starts)."""
+        """Remove a flag left by the run that was preempted (older than this process); a flag
+        touched since this process started (e.g. during the query phase) is kept and honoured."""
         if self.acc is None or self.acc.is_main_process:
-            self.flag.unlink(missing_ok=True)
+            try:
+                if self.flag.stat().st_mtime < _PROCESS_START:
+                    self.flag.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
         if self.acc is not None:
             self.acc.wait_for_everyone()
 
@@ -74,8 +81,15 @@ class Preemption:
         return bool(self.acc.reduce(t, reduction="sum").item() > 0)
 
     def requeue(self) -> bool:
-        """Under SLURM, rank 0 requeues this job; returns whether a requeue was issued."""
+        """Under SLURM, rank 0 requeues this job; returns whether a requeue was issued.
+
+        Not after SIGTERM: SLURM sends TERM on ``scancel``, at the time limit and on its own
+        requeue, so requeueing then would make a job impossible to cancel (the trainer still
+        checkpoints). USR2 and the flag file are the preemption warnings that requeue.
+        """
         if self.acc is not None and not self.acc.is_main_process:
+            return False
+        if self.signalled == signal.SIGTERM and not self.flag.exists():
             return False
         job = slurm_job_id()
         if not job:

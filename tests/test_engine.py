@@ -161,3 +161,28 @@ def test_loss_args_reach_the_loss():
     loss = steal_step(m, m, opt, sched, spy, x, torch.randn(6, 8), make_accelerator(cpu=True), temperature=0.2,
                       loss_args=cfg.train.loss_args)
     assert seen["temperature"] == 100 and torch.isfinite(loss)
+
+
+def test_preemption_flag_staleness_and_no_requeue_on_sigterm(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from stealer import preempt
+
+    flag = tmp_path / "PREEMPT"
+    flag.touch()
+    os.utime(flag, (preempt._PROCESS_START - 100, preempt._PROCESS_START - 100))  # left by an earlier run
+    p = preempt.Preemption(tmp_path, signals=())
+    p.clear_stale_flag()
+    assert not flag.exists() and not p.should_stop()
+    flag.touch()  # touched during this process (e.g. while querying): honoured
+    p.clear_stale_flag()
+    assert flag.exists() and p.should_stop()
+    calls = []
+    monkeypatch.setattr(preempt.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert p.requeue() and calls[-1] == ["scontrol", "requeue", "7_1"]
+    flag.unlink()
+    p.signalled = signal.SIGTERM  # scancel / time limit: checkpoint, but never requeue
+    assert p.should_stop() and not p.requeue() and len(calls) == 1

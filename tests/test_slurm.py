@@ -95,10 +95,12 @@ def _sinfo_ok() -> bool:
 @pytest.fixture(scope="module")
 def cluster():
     started = False
-    if not _sinfo_ok() and os.environ.get("SSLSTEAL_SLURM_START") == "1" and os.geteuid() == 0:
+    ok = _sinfo_ok()
+    if not ok and os.environ.get("SSLSTEAL_SLURM_START") == "1" and os.geteuid() == 0:
         subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start"], check=True, timeout=900)
         started = True
-    if not _sinfo_ok():
+        ok = _sinfo_ok()
+    if not ok:
         pytest.skip("no SLURM controller answers sinfo (start one: sudo slurm/local_cluster.sh)")
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
     yield {"nodes": sorted(set(nodes))}
@@ -283,6 +285,12 @@ def test_requeue_and_usr2_resume_to_the_same_weights(cluster, assets, tmp_path):
     runs = [Path(r.run_dir) for r in rows]
     total = epochs * 6
 
+    def delivered(task: int) -> bool:
+        f = _jobs(job).get(str(task), {})
+        log = logs / f"sslsteal-sweep-{job}_{task}.out"
+        return f.get("Restarts", "0") != "0" or f.get("JobState") != "RUNNING" or (
+            log.is_file() and "SIGUSR2" in log.read_text(errors="replace"))
+
     def interrupt(task: int, how: list[str]) -> int:
         t0 = time.time()
         while _last_step(runs[task]) < 60:
@@ -292,12 +300,18 @@ def test_requeue_and_usr2_resume_to_the_same_weights(cluster, assets, tmp_path):
             time.sleep(0.3)
         step = _last_step(runs[task])
         assert step < total - 100, "training too fast to interrupt mid-run; raise epochs"
-        for _ in range(10):  # "Job can not be altered now, try again later" while the controller is busy
+        for _ in range(10):
             p = subprocess.run(how, capture_output=True, text=True, timeout=30)
             if p.returncode == 0 or "try again" not in p.stderr:
                 break
-            time.sleep(1)
-        assert p.returncode == 0, f"{' '.join(how)}: {p.stderr}"
+            # "Job can not be altered now, try again later": seen here while the controller was busy
+            # with another task; the signal sometimes went through all the same
+            time.sleep(2)
+            if delivered(task):
+                break
+        else:
+            pytest.fail(f"{' '.join(how)}: {p.stderr}")
+        assert p.returncode == 0 or delivered(task), f"{' '.join(how)}: {p.stderr}"
         return step
 
     interrupt(0, ["scontrol", "requeue", f"{job}_0"])
@@ -312,7 +326,7 @@ def test_requeue_and_usr2_resume_to_the_same_weights(cluster, assets, tmp_path):
         m = re.search(r"preempted at step (\d+)/(\d+)", log)
         assert m and 0 < int(m.group(1)) < total and int(m.group(2)) == total, log[-3000:]
         assert f"resumed from {runs[0].parent}" in log and "(restart 1)" in log
-    assert "SIGTERM" in log0  # scontrol requeue: SLURM's TERM, caught by the trainer and the trap
+    assert "SIGTERM" in log0  # scontrol requeue: SLURM's TERM to every process; the trainer saves on it
     assert "SIGUSR2" in log1 and f"requeued SLURM job {job}_1" in log1  # the loop requeued ARRAYJOB_TASK itself
 
     students = []
