@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from launch.common import fail  # noqa: E402
-from stealer.config import ConfigError  # noqa: E402
+from stealer.config import ConfigError, read_yaml_mapping  # noqa: E402
 
 __all__ = ["SweepError", "Row", "load_sweep", "expand", "read_rows", "render_value", "run_name", "collect", "main"]
 
@@ -181,13 +181,8 @@ def _digest(overrides: Iterable[str]) -> str:
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check the structure of a sweep YAML (not yet the config keys of its rows)."""
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file {p} not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {p} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
+    data = read_yaml_mapping(p, "sweep file", SweepError, not_found_hint="")
+    if not data:
         raise SweepError(f"sweep file {p} must hold a mapping with keys: {', '.join(SWEEP_KEYS)}")
     for k in data:
         if k not in SWEEP_KEYS:

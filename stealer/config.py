@@ -19,7 +19,7 @@ from typing import Any, Iterable, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "to_dict", "save_config", "apply_overrides", "choice"]
+__all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice"]
 
 T = TypeVar("T")
 
@@ -138,20 +138,24 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file", error: type[Exception] = ConfigError,
+                      not_found_hint: str = "; pass an existing YAML (see launch/configs/)") -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (empty → ``{}``); one-line ``error`` otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} not found{not_found_hint}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{what} {p} is not valid YAML: {' '.join(str(e).split())}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise error(f"{what} {p} must hold a mapping of keys at top level")
+    return loaded or {}
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Build ``cls`` from an optional YAML file and ``key=value`` overrides; validate it."""
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found; pass an existing YAML (see launch/configs/)")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys at top level")
-        data = loaded or {}
+    data: dict[str, Any] = read_yaml_mapping(path) if path else {}
     data = apply_overrides(data, overrides)
     return _build(cls, data)
 

@@ -13,6 +13,8 @@ rows.
 
 from __future__ import annotations
 
+from conftest import free_port
+
 import os
 import socket
 import time
@@ -128,10 +130,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch_dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _per_rank_losses(s: torch.Tensor, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -149,7 +147,7 @@ def _per_rank_losses(s: torch.Tensor, t: torch.Tensor, sizes: list[int]) -> torc
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

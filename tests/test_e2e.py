@@ -8,6 +8,8 @@ encoder's linear probe beats a random-init encoder's by a clear margin.
 """
 from __future__ import annotations
 
+from conftest import free_port
+
 import json
 import os
 import shutil
@@ -50,12 +52,6 @@ def _train_supervised_victim(data: Path, out: Path) -> Path:
     return path
 
 
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -76,7 +72,7 @@ def test_steal_and_probe_in_two_processes(tmp_path):
               f"data.query={data / 'animal_mnist' / 'query'}", "data.image_size=32", "data.channels=1",
               "student.width=16", "train.epochs=12", "train.batch_size=64", "train.warmup_epochs=1",
               "train.temperature=0.2", "train.ckpt_every=20", "query.batch_size=100"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     _run(torchrun + [str(REPO / "launch" / "steal.py"), "name=steal"] + common, tmp_path)
     out = json.loads((tmp_path / "steal" / "steal.json").read_text())
     assert out["world_size"] == 2
@@ -95,7 +91,7 @@ def test_steal_and_probe_in_two_processes(tmp_path):
              f"sets=[animal:{data / 'animal_mnist' / 'probe_train'}:{data / 'animal_mnist' / 'probe_test'}]"]
     accel = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     p = _run([accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", _free_port()] + probe, tmp_path)
+              "--dynamo_backend", "no", "--main_process_port", str(free_port())] + probe, tmp_path)
     assert '"world_size": 2' in p.stdout, p.stdout[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "probe" / "results.jsonl").read_text().splitlines()]
     top1 = {r["encoder"]: r["top1"] for r in rows if r["probe"] == "linear"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import free_port
+
 import csv
 import json
 import math
@@ -142,10 +144,6 @@ def test_knn_distributed_slices_sum_to_single_process(world: int) -> None:
         assert torch.equal(res["predictions"], single["predictions"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _accelerate_worker(rank: int, port: int, out: str) -> None:
@@ -164,7 +162,7 @@ def _accelerate_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_knn_two_real_processes(tmp_path: Path) -> None:
-    mp.spawn(_accelerate_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_accelerate_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     _, _, _, yte = _clusters(seed=3, n_test=5)
     for r in range(2):
         got = torch.load(tmp_path / f"r{r}.pt")

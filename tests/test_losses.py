@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import free_port
+
 import math
 import os
 import socket
@@ -478,16 +480,12 @@ def _gather_worker(rank: int, port: int, out_dir: str) -> None:
         torch_dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def gather_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("loss_gather")
-    ctx = mp.spawn(_gather_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_gather_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

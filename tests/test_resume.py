@@ -2,6 +2,8 @@
 bitwise the same student as an uninterrupted run, and spends exactly the same queries."""
 from __future__ import annotations
 
+from conftest import free_port
+
 import json
 import os
 import signal
@@ -34,15 +36,11 @@ def setup(tmp_path_factory):
     return root, victim
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _cmd(root: Path, victim: Path, name: str, nproc: int) -> list[str]:
     launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", _port()]
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     return launcher + [str(REPO / "launch" / "steal.py"), f"out_dir={root}", f"name={name}", "cpu=true",
                        f"victim.checkpoint={victim}", f"data.query={root}/data/animal_mnist/query",
                        "data.image_size=16", "student.width=8", "train.epochs=4", "train.batch_size=32",

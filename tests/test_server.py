@@ -7,6 +7,8 @@ the end-to-end tests run the steal's query phase against a real uvicorn server o
 """
 from __future__ import annotations
 
+from conftest import free_port
+
 import io
 import signal
 import socket
@@ -365,10 +367,6 @@ def test_query_phase_over_uvicorn_resumes_without_recharge(tmp_path, encoder, qu
         thread.join(10)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class KillAfter(httpx.BaseTransport):
@@ -408,7 +406,7 @@ def test_serve_cli_killed_mid_steal_and_restarted(tmp_path, query_shards, capsys
     key = capsys.readouterr().out.strip()
     assert key.startswith("sslsteal_") and len(key.splitlines()) == 1
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, str(REPO / "launch" / "serve.py"), "--checkpoint", str(ckpt), "--state-dir", str(state),
            "--port", str(port), "--log-level", "warning", "--defense", '{"name": "b4b", "seed": 5, "n_bits": 6}']
     log = open(tmp_path / "server.log", "ab")
