@@ -320,8 +320,9 @@ class HTTPVictim:
 
         Raises:
             ValueError: not uint8 ``[N, C, H, W]`` (nothing sent).
-            BudgetExceeded: the server refused a batch over the budget (earlier chunks of a
-                split batch stay paid).
+            BudgetExceeded: the server refused a batch over the budget. A batch split into
+                several requests is checked against ``/v1/usage`` first, so it is refused
+                before any chunk is paid (another client of the same key could still race it).
             ConnectionError: the server stayed unreachable through the retries.
             VictimHTTPError: any other refusal.
         """
@@ -332,6 +333,14 @@ class HTTPVictim:
         if arr.shape[0] == 0:
             return torch.empty(0, int(self.describe()["out_dim"]), dtype=torch.float32)
         size = self._chunk_size(arr)
+        if size < arr.shape[0]:  # several requests: do not pay for some chunks and then be refused
+            u = self.usage()
+            if u.get("remaining") is not None and int(u["remaining"]) < arr.shape[0]:
+                raise BudgetExceeded(
+                    f"query budget exceeded for user {u.get('user')!r}: a batch of {arr.shape[0]} images "
+                    f"(split into {-(-arr.shape[0] // size)} requests) with {u.get('spent')} of {u.get('budget')} "
+                    f"spent ({u['remaining']} left); nothing was sent",
+                    user=u.get("user"), budget=u.get("budget"), spent=u.get("spent"), requested=int(arr.shape[0]))
         parts = [self._query_chunk(arr[i:i + size], user) for i in range(0, arr.shape[0], size)]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return torch.from_numpy(out)

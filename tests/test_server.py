@@ -186,6 +186,18 @@ def test_budget_exhausted(tmp_path, encoder):
     assert victim.usage()["remaining"] == 0
 
 
+def test_split_batch_over_budget_pays_nothing(tmp_path, encoder):
+    s = _server(tmp_path, encoder, budget=10, max_batch=4)
+    victim, fwd = _client(s)
+    with pytest.raises(BudgetExceeded, match="split into 3 requests") as e:
+        victim.query(_images(11))  # 4 + 4 + 3: the first two chunks would have been paid, then refused
+    assert "nothing was sent" in str(e.value) and "\n" not in str(e.value) and e.value.requested == 11
+    assert s.api.ledger.spent("alice") == 0 and not [p for p in fwd.log if p[1] == "/v1/query"]
+    out = victim.query(_images(10))  # fits: sent as 4 + 4 + 2
+    assert out.shape[0] == 10 and s.api.ledger.spent("alice") == 10
+    assert len([p for p in fwd.log if p[1] == "/v1/query"]) == 3
+
+
 def test_idempotent_retries_are_not_charged_twice(tmp_path, encoder):
     s = _server(tmp_path, encoder, defenses=[{"name": "noise", "sigma": 0.5, "seed": 3}], users=("alice", "bob"))
     x, y = _npy(_images(4)), _npy(_images(4, seed=1))
@@ -216,6 +228,40 @@ def test_idempotent_retries_are_not_charged_twice(tmp_path, encoder):
     c = crashed.query(_images(3, seed=9))
     rerun, _ = _client(s, nonce=nonce)
     assert torch.equal(rerun.query(_images(3, seed=9)), c) and s.api.ledger.spent("alice") == 17
+
+
+def test_crash_between_charge_and_store_is_not_charged_twice(tmp_path, encoder, monkeypatch):
+    """The server dies after the ledger's commit and before the answer is stored: the retry is free."""
+    import victims.server as server
+
+    noise = [{"name": "noise", "sigma": 0.5, "seed": 3}]
+    s = _server(tmp_path / "state", encoder, defenses=noise)
+    x, h = _npy(_images(4)), {**_auth(s.keys["alice"]), "Idempotency-Key": "k1"}
+    persist = server._Service._persist
+
+    def crash(self, *a, **kw):
+        raise RuntimeError("killed between the ledger commit and the store commit")
+
+    monkeypatch.setattr(server._Service, "_persist", crash)
+    assert TestClient(s.app, raise_server_exceptions=False).post("/v1/query", content=x, headers=h).status_code == 500
+    assert s.api.ledger.spent("alice") == 4  # charged, no answer stored, defense state not saved
+    monkeypatch.setattr(server._Service, "_persist", persist)
+    # restart: a new app, API and defenses over the same state folder
+    keys_db, ledger_db = state_paths(tmp_path / "state")
+    api = VictimAPI(encoder, QueryLedger(ledger_db), defenses=build_defenses(noise))
+    tc = TestClient(create_app(api, keys_db=keys_db))
+    retry = tc.post("/v1/query", content=x, headers=h)
+    assert retry.status_code == 200 and "x-idempotent-replay" not in retry.headers
+    assert api.ledger.spent("alice") == 4  # the receipt says it was paid
+    # the answer is what a server that never crashed gives (the defenses saw the request once)
+    ref = _server(tmp_path / "ref", encoder, defenses=noise)
+    assert ref.tc.post("/v1/query", content=x, headers=_auth(ref.keys["alice"])).content == retry.content
+    replay = tc.post("/v1/query", content=x, headers=h)
+    assert replay.headers["x-idempotent-replay"] == "true" and replay.content == retry.content
+    assert api.ledger.spent("alice") == 4
+    # a new request (another body) is charged, whatever key it reuses after the store is gone
+    other = tc.post("/v1/query", content=_npy(_images(4, seed=1)), headers={**h, "Idempotency-Key": "k2"})
+    assert other.status_code == 200 and api.ledger.spent("alice") == 8
 
 
 def test_idempotency_store_is_bounded(tmp_path, encoder):

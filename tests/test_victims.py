@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import multiprocessing as mp
 import os
+import time
 
 import pytest
 import torch
@@ -302,6 +303,28 @@ def test_ledger_budget(tmp_path: os.PathLike[str]) -> None:
     again.set_budget("alice", 15)  # raising a budget keeps what was spent
     assert again.remaining("alice") == 5
     assert QueryLedger(tmp_path / "x.sqlite", default_budget=3).remaining("dave") == 3
+
+
+def test_ledger_receipts_charge_once(tmp_path: os.PathLike[str]) -> None:
+    """A charge carrying a receipt already recorded is not charged again (crash-safe retries)."""
+    path = tmp_path / "ledger.sqlite"
+    ledger = QueryLedger(path)
+    ledger.set_budget("alice", 10)
+    assert ledger.charge("alice", 4, receipt="r1") == 4
+    assert QueryLedger(path).charge("alice", 4, receipt="r1") == 4  # another process, same receipt: free
+    assert ledger.has_receipt("alice", "r1") and not ledger.has_receipt("bob", "r1")
+    assert ledger.charge("alice", 4, receipt="r2") == 8
+    with pytest.raises(ValueError, match="charged for 4 images, not 3"):
+        ledger.charge("alice", 3, receipt="r1")
+    with pytest.raises(BudgetExceeded):  # a refused charge leaves no receipt
+        ledger.charge("alice", 3, receipt="r3")
+    assert not ledger.has_receipt("alice", "r3") and ledger.spent("alice") == 8
+    assert ledger.charge("alice", 2, receipt="r1:other") == 10  # receipts are exact strings
+    assert ledger.drop_receipts([("alice", "r1"), ("alice", "nope")]) == 1
+    with pytest.raises(BudgetExceeded):  # a dropped receipt is a new charge again
+        ledger.charge("alice", 4, receipt="r1")
+    assert ledger.prune_receipts(time.time() + 1) == 2  # r2, r1:other
+    assert not ledger.has_receipt("alice", "r2") and ledger.spent("alice") == 10
 
 
 def _charge_many(path: str, user: str, times: int) -> int:

@@ -92,12 +92,14 @@ class VictimAPI:
             )
         return images
 
-    def query(self, images: Tensor, user: str) -> Tensor:
+    def query(self, images: Tensor, user: str, *, receipt: str | None = None) -> Tensor:
         """Charge ``user`` for every image, encode, apply the defenses.
 
         Args:
             images: uint8 ``[N, C, H, W]``.
             user: who pays.
+            receipt: recorded with the charge; a query with a receipt already charged is not
+                charged again (:meth:`victims.ledger.QueryLedger.charge`).
 
         Returns:
             float32 ``[N, out_dim]`` on the API's device.
@@ -108,7 +110,7 @@ class VictimAPI:
                 charged, nothing is encoded).
         """
         images = self._validate(images)
-        self.ledger.charge(user, int(images.shape[0]))
+        self.ledger.charge(user, int(images.shape[0]), receipt=receipt)
         if images.shape[0] == 0:
             return torch.empty(0, self.out_dim, device=self.device)
         images = images.to(self.device, non_blocking=True)

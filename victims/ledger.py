@@ -1,7 +1,9 @@
 """Per-user query budgets, persisted in SQLite: every image sent is paid for exactly once.
 
-One table, ``users(user TEXT PRIMARY KEY, budget INTEGER NULL, spent INTEGER NOT NULL)``
-(``budget`` NULL = unlimited). Each call opens its own connection (WAL journal, 30 s busy
+Table ``users(user TEXT PRIMARY KEY, budget INTEGER NULL, spent INTEGER NOT NULL)``
+(``budget`` NULL = unlimited), and ``receipts(user, receipt, images, created)``: a charge may
+carry a receipt, written in the charge's own transaction, and a charge whose receipt is
+already there is not charged again. Each call opens its own connection (WAL journal, 30 s busy
 timeout) and :meth:`QueryLedger.charge` is one ``BEGIN IMMEDIATE`` transaction, so
 several threads or processes on one machine may share a file and the budget is never
 exceeded. The object holds only the path: it pickles, and works after ``fork``/``spawn``.
@@ -31,6 +33,15 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS users (
     user TEXT PRIMARY KEY,
     budget INTEGER NULL,
     spent INTEGER NOT NULL DEFAULT 0
+)"""
+# a receipt is written in the charge's own transaction: a charge carrying a receipt already
+# recorded is not charged again (the server's idempotency keys; see victims/server.py)
+_RECEIPTS = """CREATE TABLE IF NOT EXISTS receipts (
+    user TEXT NOT NULL,
+    receipt TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (user, receipt)
 )"""
 
 
@@ -73,6 +84,7 @@ class QueryLedger:
                 with closing(self._connect()) as con:
                     con.execute("PRAGMA journal_mode=WAL")
                     con.execute(_SCHEMA)
+                    con.execute(_RECEIPTS)
                 break
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e) or attempt == 199:
@@ -120,15 +132,23 @@ class QueryLedger:
         budget, spent = (self.default_budget, 0) if row is None else row
         return None if budget is None else max(budget - spent, 0)
 
-    def charge(self, user: str, n: int) -> int:
+    def charge(self, user: str, n: int, *, receipt: str | None = None) -> int:
         """Charge ``n`` images to ``user`` atomically; returns the new total spent.
+
+        ``receipt`` (e.g. a request's idempotency key) is recorded in the same transaction;
+        a later charge of ``user`` with the same receipt charges nothing (it returns the total
+        spent). A request that was charged but whose answer was lost in a crash is thus paid
+        once however often it is retried.
 
         Raises:
             BudgetExceeded: ``spent + n`` would pass the budget; nothing is charged.
+            ValueError: ``receipt`` was recorded for another number of images.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"charge count must be an int >= 0; got {n!r}")
         _check_user(user)
+        if receipt is not None and (not isinstance(receipt, str) or not receipt):
+            raise ValueError(f"receipt must be a non-empty string or None; got {receipt!r}")
         with closing(self._connect()) as con:
             con.execute("BEGIN IMMEDIATE")  # write lock first: no lost updates across processes
             try:
@@ -136,6 +156,15 @@ class QueryLedger:
                     "SELECT budget, spent FROM users WHERE user = ?", (user,)
                 ).fetchone()
                 budget, spent = (self.default_budget, 0) if row is None else row
+                if receipt is not None:
+                    got = con.execute("SELECT images FROM receipts WHERE user = ? AND receipt = ?",
+                                      (user, receipt)).fetchone()
+                    if got is not None:
+                        if got[0] != n:
+                            raise ValueError(f"receipt {receipt!r} of user {user!r} was charged for {got[0]} images, "
+                                             f"not {n}; use a new receipt for a new request")
+                        con.execute("ROLLBACK")
+                        return spent
                 if budget is not None and spent + n > budget:
                     raise BudgetExceeded(user, budget, spent, n)
                 con.execute(
@@ -143,11 +172,35 @@ class QueryLedger:
                     "ON CONFLICT(user) DO UPDATE SET spent = excluded.spent",
                     (user, budget, spent + n),
                 )
+                if receipt is not None:
+                    con.execute("INSERT INTO receipts (user, receipt, images, created) VALUES (?, ?, ?, ?)",
+                                (user, receipt, n, time.time()))
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
         return spent + n
+
+    def has_receipt(self, user: str, receipt: str) -> bool:
+        """Whether a charge of ``user`` carried ``receipt``."""
+        with closing(self._connect()) as con:
+            return con.execute("SELECT 1 FROM receipts WHERE user = ? AND receipt = ?",
+                               (_check_user(user), receipt)).fetchone() is not None
+
+    def drop_receipts(self, pairs: list[tuple[str, str]]) -> int:
+        """Forget the receipts ``[(user, receipt), ...]``; returns how many there were."""
+        if not pairs:
+            return 0
+        with closing(self._connect()) as con:
+            con.execute("BEGIN IMMEDIATE")
+            n = sum(con.execute("DELETE FROM receipts WHERE user = ? AND receipt = ?", p).rowcount for p in pairs)
+            con.execute("COMMIT")
+        return n
+
+    def prune_receipts(self, older_than: float) -> int:
+        """Forget receipts recorded before the time ``older_than`` (``time.time()`` scale); returns how many."""
+        with closing(self._connect()) as con:
+            return con.execute("DELETE FROM receipts WHERE created < ?", (float(older_than),)).rowcount
 
     def usage(self) -> dict[str, dict[str, Any]]:
         """``{user: {"budget": int | None, "spent": int, "remaining": int | None}}``."""

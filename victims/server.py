@@ -35,9 +35,11 @@ fingerprint = sha256 of body + dtype) under ``(user, K)`` in the same transactio
 the defense state; a retry with the same key and body gets the stored bytes back (header
 ``X-Idempotent-Replay: true``) without being charged or touching the defenses; another
 body under the same key is a 409. The store is bounded (``idempotency_ttl_s``,
-``idempotency_max_bytes``, oldest evicted first). The ledger lives in its own file, so a
-crash in the instant between the ledger's commit and the store's commit would let a retry
-of that one request be charged again.
+``idempotency_max_bytes``, oldest evicted first). The ledger lives in its own file; the
+charge records the key as a receipt in the ledger's own transaction
+(:meth:`victims.ledger.QueryLedger.charge`), so a request charged just before a crash, whose
+answer never reached the store, is answered on retry without a second charge (its defense
+state was not saved either, so the defenses see it once).
 
 **State.** ``keys_db`` (SQLite, WAL) holds the API keys (salted sha256 of a 256-bit secret,
 never the key), the idempotency store and, per (defense, user), the defense's user state
@@ -372,6 +374,11 @@ def _parse_images(body: bytes, in_chans: int, max_batch: int) -> np.ndarray:
     return np.array(arr, dtype=np.uint8, order="C", copy=True)
 
 
+def _receipt(idem_key: str, fingerprint: str) -> str:
+    """The ledger receipt of a request: its idempotency key and body fingerprint."""
+    return f"idem:{idem_key}:{fingerprint}"
+
+
 def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
@@ -421,7 +428,8 @@ class _Service:
                     headers = {**self._usage_headers(user), "X-Idempotent-Replay": "true"}
                     return Response(bytes(row[1]), media_type="application/x-npy", headers=headers)
             try:
-                reps = self.api.query(torch.from_numpy(images), user)  # charged here, per image
+                receipt = None if idem_key is None else _receipt(idem_key, fingerprint)
+                reps = self.api.query(torch.from_numpy(images), user, receipt=receipt)  # charged here, once per key
             except BudgetExceeded as e:
                 raise _HTTPError(402, "budget_exceeded", str(e), user=e.user, budget=e.budget, spent=e.spent,
                                  requested=e.requested, remaining=max(e.budget - e.spent, 0)) from None
@@ -467,14 +475,21 @@ class _Service:
         if self._idem_bytes <= self.idem_max_bytes and now - self._last_prune < min(60.0, self.idem_ttl):
             return
         self._last_prune = now
+        # an evicted answer takes its ledger receipt along: a receipt outlives its answer only in
+        # the crash window, so an old key cannot buy fresh (re-noised) answers for free
         con.execute("DELETE FROM idempotency WHERE created < ?", (now - self.idem_ttl,))
+        self.api.ledger.prune_receipts(now - self.idem_ttl)
         total = self._stored_bytes(con)
         if total > self.idem_max_bytes:
-            for rowid, size in con.execute("SELECT rowid, LENGTH(body) FROM idempotency ORDER BY created").fetchall():
+            dropped = []
+            for rowid, user, key, fp, size in con.execute(
+                    "SELECT rowid, user, key, fingerprint, LENGTH(body) FROM idempotency ORDER BY created").fetchall():
                 if total <= self.idem_max_bytes:
                     break
                 con.execute("DELETE FROM idempotency WHERE rowid = ?", (rowid,))
+                dropped.append((user, _receipt(key, fp)))
                 total -= size
+            self.api.ledger.drop_receipts(dropped)
         self._idem_bytes = total
 
 
