@@ -84,6 +84,17 @@ def test_coverage_hand_computed_narrow_and_broad():
         coverage_order(x, 3, spread=1.5)
 
 
+def test_coverage_stats_chunked_equals_brute_force():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 7))
+    sel = rng.choice(300, 40, replace=False)
+    nn = np.sqrt(((x[:, None, :] - x[sel][None]) ** 2).sum(-1)).min(1)
+    for max_bytes in (1, 8 * 40 * 7, 64 << 20):  # one row per chunk, 7 rows, everything at once
+        got = coverage_stats(x, sel, max_bytes=max_bytes)
+        assert got["coverage_radius"] == pytest.approx(nn.max(), rel=1e-9)
+        assert got["mean_nn_distance"] == pytest.approx(nn.mean(), rel=1e-9)
+
+
 def test_coverage_spread_widens_the_set(pool, tmp_path):
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(40, 5))
