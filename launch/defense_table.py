@@ -93,6 +93,11 @@ class AttackConfig:
     sybils: int = 3  # sybil accounts
     overlap: int = 150  # images every sybil asks (to fit the maps)
     ridge: float = 1e-3
+    # coverage_control: the attacker queries the narrowest coverage_fraction of its query pool
+    # (k-means centres in pixel space, the images nearest to them: query_select spread 0), at
+    # most the budget. Querying less and narrower is the move against a coverage-priced defense.
+    coverage_fraction: float = 0.5
+    coverage_spread: float = 0.0
 
 
 @dataclass
@@ -141,6 +146,9 @@ class DefenseTableConfig:
         if "sybils" in self.attacks and self.budget - (a.sybils - 1) * a.overlap <= a.overlap:
             raise ConfigError(f"budget={self.budget} leaves no image outside the sybil overlap ({a.sybils} x {a.overlap}); "
                               f"lower attack.overlap or attack.sybils")
+        if not (0 < a.coverage_fraction < 1 and 0 <= a.coverage_spread <= 1):
+            raise ConfigError(f"attack.coverage_fraction={a.coverage_fraction} must be in (0, 1) (a share of the query pool) "
+                              f"and attack.coverage_spread={a.coverage_spread} in [0, 1] (0 = narrowest)")
         if not 0 < self.watermark.alpha < 1:
             raise ConfigError(f"watermark.alpha={self.watermark.alpha} must be in (0, 1)")
 
@@ -273,9 +281,13 @@ def run_cell(cfg: DefenseTableConfig, row: _Row, attack: str, acc: Any) -> dict[
         row.api.ledger.set_budget(users[0], b)
         q = run_query_phase(sc, RepeatAverage(row.api, a.repeats))
     elif attack == "coverage_control":
+        from stealer.data import open_shards
+
         base = _steal_cfg(cfg, row.name, attack, [], *ctx)
-        sel = coverage_controlled_queries(base, b, cfg.run_dir / "selections" / f"coverage_{b}")
-        sc = _steal_cfg(cfg, row.name, attack, [f"data.query={sel}", f"query.num_queries={b}"], *ctx)
+        n = max(1, min(b, round(a.coverage_fraction * open_shards(base.data.query).num_samples)))
+        sel = coverage_controlled_queries(base, n, cfg.run_dir / "selections" / f"coverage_{n}_s{a.coverage_spread:g}",
+                                          spread=a.coverage_spread)
+        sc = _steal_cfg(cfg, row.name, attack, [f"data.query={sel}", f"query.num_queries={n}"], *ctx)
         row.api.ledger.set_budget(users[0], b)
         q = run_query_phase(sc, row.api)
     else:  # sybils: n images so that S * overlap + (n - overlap) = budget

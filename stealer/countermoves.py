@@ -193,11 +193,15 @@ def run_sybil_query_phase(cfg: StealConfig, victim: QueryTarget, *, sybils: int,
     return stats
 
 
-def coverage_controlled_queries(cfg: StealConfig, n: int, out_dir: str | os.PathLike[str], **kwargs: Any) -> str:
+def coverage_controlled_queries(cfg: StealConfig, n: int, out_dir: str | os.PathLike[str], *, spread: float = 0.0,
+                                **kwargs: Any) -> str:
     """A narrow subset of ``n`` images of the query pool, chosen to keep the embedding coverage low.
 
-    Delegates to ``stealer.query_select.select_queries(strategy="coverage")`` and returns the new
-    shard folder (use it as ``data.query``); an existing selection is reused.
+    Delegates to ``stealer.query_select.select_queries(strategy="coverage", spread=spread)``:
+    ``spread`` 0 (default) takes the ``n`` images nearest to a few k-means centres, 1 would be
+    farthest-point sampling over the pool (the broadest set, the opposite of this attack).
+    Returns the new shard folder (use it as ``data.query``); an existing selection is reused.
+    ``n`` must be below the pool size for the subset to be narrower than the pool.
     """
     try:
         from stealer.query_select import select_queries
@@ -205,5 +209,5 @@ def coverage_controlled_queries(cfg: StealConfig, n: int, out_dir: str | os.Path
         raise ImportError(f"coverage control needs stealer/query_select.py (select_queries); {e}") from None
     out = Path(out_dir)
     if not (out / "manifest.json").is_file():
-        select_queries(cfg.data.query, str(out), n, "coverage", cfg.seed, **kwargs)
+        select_queries(cfg.data.query, str(out), n, "coverage", cfg.seed, spread=spread, **kwargs)
     return str(out)

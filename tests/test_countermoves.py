@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,9 @@ def test_coverage_control_uses_the_query_selector(tmp_path, data):
     sel = coverage_controlled_queries(cfg, 50, tmp_path / "sel")
     assert open_shards(sel).num_samples == 50
     assert coverage_controlled_queries(cfg, 50, tmp_path / "sel") == sel  # reused, not re-selected
+    # narrow by default: the pool is covered worse than by the broad (farthest-point) subset
+    broad = coverage_controlled_queries(cfg, 50, tmp_path / "broad", spread=1.0)
+    narrow_s, broad_s = (json.loads((Path(p) / "manifest.json").read_text())["selection"] for p in (sel, broad))
+    assert narrow_s["spread"] == 0.0 and broad_s["spread"] == 1.0
+    assert narrow_s["mean_nn_distance"] > broad_s["mean_nn_distance"]
+    assert narrow_s["coverage_radius"] > broad_s["coverage_radius"]

@@ -98,6 +98,9 @@ def test_table_one_command_end_to_end_and_rerun_pays_nothing(tiny, tmp_path, cap
     assert all(int(r["queries_spent"]) == 120 for r in rows)  # every attack spends exactly the budget
     distinct = {r["attack"]: int(r["distinct_images"]) for r in rows if r["defense"] == "none"}
     assert distinct == {"direct": 120, "repeat_average": 60, "coverage_control": 120, "sybils": 90}
+    # coverage control: the narrowest half of the 240-image pool (spread 0), not a broad subset
+    sel = json.loads((out / "selections" / "coverage_120_s0" / "manifest.json").read_text())["selection"]
+    assert (sel["n"], sel["source_samples"], sel["spread"]) == (120, 240, 0.0)
     by = {(r["defense"], r["attack"]): r for r in rows}
     for r in rows:
         assert 0 <= float(r["stolen_top1"]) <= 1 and 0 <= float(r["honest_top1"]) <= 1
@@ -130,6 +133,7 @@ def test_table_one_command_end_to_end_and_rerun_pays_nothing(tiny, tmp_path, cap
     ("defenses={none: [], watermark: []}", "reserved for the watermarked victim"),
     ("defenses={none: [noise]}", "defenses.none must be a list"),
     ("attack.overlap=800", "leaves no image outside the sybil overlap"),
+    ("attack.coverage_fraction=1.0", "attack.coverage_fraction=1.0 must be in \\(0, 1\\)"),
 ])
 def test_config_errors_name_the_key(override, match):
     from launch.defense_table import DefenseTableConfig
