@@ -188,7 +188,7 @@ def run_steal(cfg: ClassifierStealConfig, acc: Any, *, api: Any = None, pool: tu
         acc.wait_for_everyone()
     if "train" in cfg.phases and not datafree:
         clone, tstats = train_clone(run / "cache", clone_cfg=cfg.clone, cfg=cfg.train, accelerator=acc, channels=channels,
-                                    image_size=size, seed=cfg.seed, log=say)
+                                    image_size=size, seed=cfg.seed, log=say, ckpt_dir=run / "ckpt_clone")
         if main_proc:
             save_classifier(clone, clone_path, extra={"attack": cfg.attack.name, "budget": cfg.budget})
         out["train"] = tstats
@@ -226,8 +226,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     acc = make_accelerator(cfg.cpu)
     if acc.is_main_process:
         save_config(cfg, cfg.run_dir / "config.yaml")
+    from stealer.preempt import PREEMPT_EXIT_CODE, Preempted
+
     try:
         out = run_steal(cfg, acc)
+    except Preempted as e:  # checkpointed; a requeued or rerun job resumes (train.resume=auto)
+        if acc.is_main_process:
+            print(str(e), flush=True)
+        sys.exit(PREEMPT_EXIT_CODE)
     except (FileNotFoundError, ValueError, ImportError) as e:
         fail(str(e).splitlines()[0])
     except RuntimeError as e:

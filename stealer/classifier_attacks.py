@@ -165,6 +165,8 @@ class CloneTrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
     augment: bool = True  # mild crop/flip/jitter of the query images (Knockoff trains with augmentation)
+    resume: str = "auto"  # auto (newest checkpoint of this run's clone training, if any) | none | a ckpt path
+    ckpt_every: int = 0  # also checkpoint every N steps (0: at every epoch end, and on preemption)
 
     def validate(self) -> None:
         from stealer.optim import OPTIMIZERS
@@ -172,6 +174,8 @@ class CloneTrainConfig:
         choice("train.optimizer", self.optimizer, OPTIMIZERS)
         if self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(f"train.epochs must be >= 0 and train.batch_size >= 1 (got {self.epochs}, {self.batch_size})")
+        if self.ckpt_every < 0:
+            raise ConfigError(f"train.ckpt_every={self.ckpt_every} must be >= 0 (0: checkpoint at epoch ends only)")
 
 
 CLONE_AUGMENT = AugmentConfig(scale_min=0.7, flip=True, brightness=0.2, contrast=0.2, jitter_p=0.5)
@@ -648,10 +652,25 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
 # ------------------------------------------------------------------------------ clone training
 def train_clone(cache_dir: str | os.PathLike, *, clone_cfg: CloneConfig, cfg: CloneTrainConfig, accelerator: Any,
                 channels: int, image_size: int, seed: int = 0, init: nn.Module | None = None,
-                log: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                log: Callable[[str], None] | None = None,
+                ckpt_dir: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train a clone on the cached ``(image, posterior)`` pairs with the soft cross-entropy, data-parallel
-    (every rank reads its share of the cache shards; DDP averages gradients). ``init`` warm-starts it."""
+    (every rank reads its share of the cache shards; DDP averages gradients). ``init`` warm-starts it.
+
+    With ``ckpt_dir`` the training is preemptible like the encoder steal: a checkpoint (clone,
+    optimizer, schedule, position in the epoch, every rank's RNG) is written atomically at every
+    epoch end, every ``cfg.ckpt_every`` steps, and when a preemption is requested (SIGUSR2/SIGTERM
+    or the ``PREEMPT`` flag file next to ``ckpt_dir``), which then raises
+    :class:`stealer.preempt.Preempted`. ``cfg.resume`` (``auto``) continues from the newest one;
+    on the same number of processes the result equals an uninterrupted run bitwise. A checkpoint
+    written with other clone/training settings or another cache is refused in one line.
+    """
+    from accelerate.utils import gather_object
+
+    from stealer.ckpt import config_diff, describe_diff, resolve_resume, rng_state, save_checkpoint, set_rng_state
+    from stealer.config import to_dict
     from stealer.optim import build_optimizer, build_schedule
+    from stealer.preempt import Preempted, Preemption
 
     acc = accelerator
     rank, world = acc.process_index, acc.num_processes
@@ -661,33 +680,90 @@ def train_clone(cache_dir: str | os.PathLike, *, clone_cfg: CloneConfig, cfg: Cl
         raise ValueError(f"response cache {cache_dir} does not record the number of classes; rerun the query phase")
     stream = ShardStream(shards, batch_size=cfg.batch_size, rank=rank, world=world, seed=seed, shuffle=True,
                          channels=channels, image_size=image_size)
-    steps = len(stream) * cfg.epochs
+    per_epoch = len(stream)
+    steps = per_epoch * cfg.epochs
     torch.manual_seed(seed)
     clone = build_clone(clone_cfg, k, channels, image_size)
     if init is not None:
         clone.load_state_dict(init.state_dict())
     opt = build_optimizer(cfg.optimizer, clone, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    sched = build_schedule(opt, steps, int(round(cfg.warmup_epochs * len(stream))))
-    model, opt = acc.prepare(clone, opt)
-    t0, step, last = time.time(), 0, float("nan")
-    model.train()
-    for epoch in range(cfg.epochs):
-        for batch in stream.iter_epoch(epoch):
-            x = batch["image"].to(acc.device).float().div_(255)
-            if cfg.augment:
-                x = augment(x, batch_generator(seed, epoch, rank, batch["index"]), CLONE_AUGMENT)
-            loss = soft_cross_entropy(model(x), batch["response"].to(acc.device))
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            opt.step()
-            sched.step()
-            step += 1
-            last = float(loss.detach())
+    sched = build_schedule(opt, steps, int(round(cfg.warmup_epochs * per_epoch)))
+    settings = {"clone": to_dict(clone_cfg), "train": {k_: v for k_, v in to_dict(cfg).items() if k_ not in ("resume", "ckpt_every")},
+                "seed": seed, "cache_samples": shards.num_samples, "warm_start": init is not None}
+    epoch, start_batch, step = 0, 0, 0
+    found = resolve_resume(cfg.resume, ckpt_dir) if ckpt_dir is not None else None
+    if found is not None:
+        path, state = found
+        old = state.get("settings", {})
+        changed = config_diff(old, settings)
+        if changed or "clone" not in state:
+            raise ValueError(f"clone checkpoint {path} was written with other settings "
+                             f"({describe_diff(old, settings, changed[:6]) or 'not a clone checkpoint'}); "
+                             f"use a new run name (name=...) or train.resume=none to start over")
+        clone.load_state_dict(state["clone"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        if state.get("world_size", world) == world and len(state.get("rng", [])) == world:
+            set_rng_state(state["rng"][rank])
         if log is not None:
-            log(f"clone epoch {epoch + 1}/{cfg.epochs}: loss {last:.4f} ({time.time() - t0:.0f}s)")
+            log(f"clone training resumed from {path} at epoch {epoch}, batch {start_batch} (step {step}/{steps})")
+    model, opt = acc.prepare(clone, opt)
+    raw = acc.unwrap_model(model)
+
+    def checkpoint(ep: int, nb: int) -> None:
+        if nb >= per_epoch:
+            ep, nb = ep + 1, 0
+        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+        if acc.is_main_process:
+            save_checkpoint(ckpt_dir, step, {"clone": raw.state_dict(), "optimizer": opt.state_dict(),
+                                             "scheduler": sched.state_dict(), "epoch": ep, "batch": nb, "step": step,
+                                             "rng": rngs, "world_size": world, "settings": settings})
+        acc.wait_for_everyone()
+
+    preempt = None
+    if ckpt_dir is not None:
+        preempt = Preemption(Path(ckpt_dir).parent, acc)
+        preempt.clear_stale_flag()
+    t0, last = time.time(), float("nan")
+    model.train()
+    try:
+        while epoch < cfg.epochs:
+            for batch in stream.iter_epoch(epoch, start_batch):
+                x = batch["image"].to(acc.device).float().div_(255)
+                if cfg.augment:
+                    x = augment(x, batch_generator(seed, epoch, rank, batch["index"]), CLONE_AUGMENT)
+                loss = soft_cross_entropy(model(x), batch["response"].to(acc.device))
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                opt.step()
+                sched.step()
+                step += 1
+                last = float(loss.detach())
+                if preempt is None:
+                    continue
+                periodic = cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0
+                if periodic:
+                    checkpoint(epoch, batch["index"] + 1)
+                if preempt.should_stop():  # collective: every rank asks at every step
+                    if not periodic:
+                        checkpoint(epoch, batch["index"] + 1)
+                    requeued = preempt.requeue()
+                    raise Preempted(f"clone training preempted at step {step}/{steps}; checkpoint saved in {ckpt_dir}"
+                                    + ("; SLURM job requeued" if requeued else "; rerun to resume (train.resume=auto)"))
+            epoch, start_batch = epoch + 1, 0
+            if preempt is not None and epoch < cfg.epochs:
+                checkpoint(epoch, 0)
+            if log is not None:
+                log(f"clone epoch {epoch}/{cfg.epochs}: loss {last:.4f} ({time.time() - t0:.0f}s)")
+    finally:
+        if preempt is not None:
+            preempt.close()
+    if preempt is not None:
+        checkpoint(epoch, 0)
     acc.wait_for_everyone()
-    return acc.unwrap_model(model).eval(), {"steps": step, "samples": stream.samples_per_epoch, "final_loss": last,
-                                            "seconds": time.time() - t0}
+    return raw.eval(), {"steps": step, "samples": stream.samples_per_epoch, "final_loss": last,
+                        "seconds": time.time() - t0}
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -243,3 +243,47 @@ def test_bad_budgets_fail_in_one_line(tmp_path):
         data_free(t, cache, kind="dfme", budget=100, user="u", cfg=AttackConfig(name="dfme"), clone_cfg=CloneConfig(),
                   num_classes=3, channels=1, image_size=8, accelerator=acc)
     assert t.seen == 0
+
+
+def test_clone_training_preempted_mid_epoch_resumes_bitwise(tmp_path, monkeypatch):
+    """Knockoff's clone training checkpoints and resumes like the encoder steal (issue 3's contract)."""
+    from launch.common import make_accelerator
+    from stealer.classifier_attacks import CloneConfig, CloneTrainConfig, knockoff_random, train_clone
+    from stealer.preempt import Preempted, Preemption
+
+    t = CountingTarget()
+    pool = torch.randint(0, 256, (90, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cache = PosteriorCache(tmp_path / "cache", {"out_dim": 3, "channels": 1, "image_size": [8, 8]})
+    knockoff_random(t, cache, pool, budget=90, user="u", batch_size=30)
+    cache.finalize("test")
+    acc = make_accelerator(cpu=True)
+    clone_cfg = CloneConfig(width=4)
+    kw = dict(clone_cfg=clone_cfg, accelerator=acc, channels=1, image_size=8, seed=0)
+    cfg = CloneTrainConfig(epochs=3, batch_size=16, resume="none")  # 6 steps per epoch, 18 in all
+    ref, ref_stats = train_clone(tmp_path / "cache", cfg=cfg, ckpt_dir=tmp_path / "ref" / "ckpt_clone", **kw)
+    assert ref_stats["steps"] == 18
+
+    calls = {"n": 0}
+
+    def stop_at_step_8(self):
+        calls["n"] += 1
+        return calls["n"] == 8  # mid-epoch 2 (batch 2 of 6)
+
+    monkeypatch.setattr(Preemption, "should_stop", stop_at_step_8)
+    run = tmp_path / "run" / "ckpt_clone"
+    with pytest.raises(Preempted, match="preempted at step 8/18"):
+        train_clone(tmp_path / "cache", cfg=CloneTrainConfig(epochs=3, batch_size=16), ckpt_dir=run, **kw)
+    monkeypatch.undo()
+    state = torch.load(run / (run / "latest").read_text().strip(), weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 8)
+    got, stats = train_clone(tmp_path / "cache", cfg=CloneTrainConfig(epochs=3, batch_size=16), ckpt_dir=run, **kw)
+    assert stats["steps"] == 18
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert ref_sd.keys() == got_sd.keys() and all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
+    # a rerun of a finished training trains nothing and returns the same clone
+    again, again_stats = train_clone(tmp_path / "cache", cfg=CloneTrainConfig(epochs=3, batch_size=16), ckpt_dir=run, **kw)
+    assert again_stats["steps"] == 18 and all(torch.equal(again.state_dict()[k], ref_sd[k]) for k in ref_sd)
+    # other settings: refused in one line naming the key
+    with pytest.raises(ValueError, match=r"train\.lr 0\.05 -> 0\.1") as e:
+        train_clone(tmp_path / "cache", cfg=CloneTrainConfig(epochs=3, batch_size=16, lr=0.1), ckpt_dir=run, **kw)
+    assert "\n" not in str(e.value) and "train.resume=none" in str(e.value)
