@@ -159,7 +159,8 @@ def run_steal(cfg: ClassifierStealConfig, acc: Any, *, api: Any = None, pool: tu
         if datafree:
             clone, stats = data_free(api, cache, kind=a.name, budget=cfg.budget, user=user, cfg=a, clone_cfg=cfg.clone,
                                      num_classes=k, channels=channels, image_size=size, accelerator=acc, seed=cfg.seed,
-                                     log=say)
+                                     log=say, ckpt_dir=run / "ckpt_datafree", resume=cfg.train.resume,
+                                     ckpt_every=cfg.train.ckpt_every)
             if main_proc:
                 save_classifier(clone, clone_path, extra={"attack": a.name, "budget": cfg.budget})
         else:

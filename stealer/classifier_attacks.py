@@ -165,8 +165,11 @@ class CloneTrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
     augment: bool = True  # mild crop/flip/jitter of the query images (Knockoff trains with augmentation)
-    resume: str = "auto"  # auto (newest checkpoint of this run's clone training, if any) | none | a ckpt path
-    ckpt_every: int = 0  # also checkpoint every N steps (0: at every epoch end, and on preemption)
+    # auto (the newest checkpoint of this run's clone training, or of DFME/MAZE's loop) | none | a ckpt path
+    resume: str = "auto"
+    # also checkpoint every N clone steps (Knockoff; always at epoch ends) or N DFME/MAZE iterations;
+    # 0: Knockoff at epoch ends only, DFME/MAZE at the end only; both also on preemption
+    ckpt_every: int = 0
 
     def validate(self) -> None:
         from stealer.optim import OPTIMIZERS
@@ -553,9 +556,20 @@ def _cosine(total: int) -> Callable[[int], float]:
 
 def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budget: int, user: str, cfg: AttackConfig,
               clone_cfg: CloneConfig, num_classes: int, channels: int, image_size: int, accelerator: Any,
-              seed: int = 0, log: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+              seed: int = 0, log: Callable[[str], None] | None = None, ckpt_dir: str | os.PathLike | None = None,
+              resume: str = "auto", ckpt_every: int = 0) -> tuple[nn.Module, dict[str, Any]]:
     """Run DFME (``kind="dfme"``) or MAZE (``"maze"``) under ``budget`` images (all ranks together);
-    returns the (unwrapped) clone and statistics. Every rank runs the same number of iterations."""
+    returns the (unwrapped) clone and statistics. Every rank runs the same number of iterations.
+
+    With ``ckpt_dir`` the run is preemptible: generator, clone, both optimizers and schedules,
+    the iteration, every rank's random generators and MAZE's replay bank are checkpointed every
+    ``ckpt_every`` iterations (0: only on preemption and at the end) and when a preemption is
+    requested (then :class:`stealer.preempt.Preempted` is raised). ``resume="auto"`` continues
+    from the newest checkpoint; on the same number of processes the clone equals an
+    uninterrupted run's bitwise, and every posterior bought before the stop is read back from
+    the cache, not bought again. (The replay bank travels through rank 0: fine at the image
+    sizes of these attacks; it grows with the budget.)
+    """
     choice("attack.name", kind, ["dfme", "maze"])
     acc = accelerator
     rank, world = acc.process_index, acc.num_processes
@@ -604,9 +618,59 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
 
     replay_x: list[Tensor] = []
     replay_y: list[Tensor] = []
+    from accelerate.utils import gather_object
+
+    from stealer.ckpt import config_diff, describe_diff, resolve_resume, rng_state, save_checkpoint, set_rng_state
+    from stealer.config import to_dict
+    from stealer.preempt import Preempted, Preemption
+
+    settings = {"kind": kind, "attack": to_dict(cfg), "clone": to_dict(clone_cfg), "budget": budget, "seed": seed,
+                "world_size": world, "num_classes": num_classes}
+    start = 0
+    found = resolve_resume(resume, ckpt_dir) if ckpt_dir is not None else None
+    if found is not None:
+        path, state = found
+        old = state.get("settings", {})
+        changed = config_diff(old, settings, {"attack.query_sets", "attack.batch_size"})
+        if changed or "generator" not in state:
+            raise ValueError(f"{kind} checkpoint {path} was written with other settings "
+                             f"({describe_diff(old, settings, changed[:6]) or 'not a data-free checkpoint'}); "
+                             f"use a new run name (name=...) or train.resume=none to start over")
+        raw_g.load_state_dict(state["generator"])
+        raw_s.load_state_dict(state["clone"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_s.load_state_dict(state["opt_s"])
+        sched_g.load_state_dict(state["sched_g"])
+        sched_s.load_state_dict(state["sched_s"])
+        mine = state["ranks"][rank]
+        rng.set_state(mine["gen"])
+        set_rng_state(mine["rng"])
+        if mine.get("bank_x") is not None:
+            replay_x, replay_y = [mine["bank_x"]], [mine["bank_y"]]
+        start = int(state["iteration"])
+        loss_g, loss_s = float(state.get("loss_g", float("nan"))), float(state.get("loss_s", float("nan")))
+        if log is not None:
+            log(f"{kind} resumed from {path} at iteration {start}/{iters}")
+
+    def checkpoint(done: int) -> None:
+        bank = (torch.cat(replay_x), torch.cat(replay_y)) if replay_x else (None, None)
+        mine = {"gen": rng.get_state(), "rng": rng_state(), "bank_x": bank[0], "bank_y": bank[1]}
+        ranks = gather_object([mine]) if world > 1 else [mine]
+        if acc.is_main_process:
+            save_checkpoint(ckpt_dir, done, {
+                "generator": raw_g.state_dict(), "clone": raw_s.state_dict(), "opt_g": opt_g.state_dict(),
+                "opt_s": opt_s.state_dict(), "sched_g": sched_g.state_dict(), "sched_s": sched_s.state_dict(),
+                "iteration": done, "ranks": ranks, "settings": settings, "loss_g": loss_g, "loss_s": loss_s})
+        acc.wait_for_everyone()
+
+    preempt = None
+    if ckpt_dir is not None:
+        preempt = Preemption(Path(ckpt_dir).parent, acc)
+        preempt.clear_stale_flag()
     t0 = time.time()
-    loss_g = loss_s = float("nan")
-    for it in range(iters):
+    if found is None:
+        loss_g = loss_s = float("nan")
+    for it in range(start, iters):
         base_x = base_y = None
         for _ in range(gi):  # (1) generator: maximise the disagreement, gradient estimated zeroth-order
             g_ddp.train()
@@ -642,6 +706,21 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
         if log is not None and (it % max(1, iters // 10) == 0 or it == iters - 1):
             log(f"{kind} iter {it + 1}/{iters}: loss_G {loss_g:.4f} loss_S {loss_s:.4f} spent {cache.spent} "
                 f"({time.time() - t0:.0f}s)")
+        if preempt is None:
+            continue
+        periodic = ckpt_every > 0 and (it + 1) % ckpt_every == 0 and it + 1 < iters
+        if periodic:
+            checkpoint(it + 1)
+        if preempt.should_stop():  # collective: every rank asks after every iteration
+            if not periodic:
+                checkpoint(it + 1)
+            requeued = preempt.requeue()
+            preempt.close()
+            raise Preempted(f"{kind} preempted after iteration {it + 1}/{iters}; checkpoint saved in {ckpt_dir}; "
+                            f"every posterior bought is cached" + ("; SLURM job requeued" if requeued else "; rerun to resume"))
+    if preempt is not None:
+        preempt.close()
+        checkpoint(iters)
     acc.wait_for_everyone()
     stats = {"spent": cache.spent, "received": cache.received, "iterations": iters, "cost_per_iteration": cost,
              "claimed_per_rank": iters * cost, "directions": m, "nz": nz, "replay_iters": replay_iters,

@@ -276,8 +276,11 @@ def test_clone_training_preempted_mid_epoch_resumes_bitwise(tmp_path, monkeypatc
     monkeypatch.undo()
     state = torch.load(run / (run / "latest").read_text().strip(), weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 8)
-    got, stats = train_clone(tmp_path / "cache", cfg=CloneTrainConfig(epochs=3, batch_size=16), ckpt_dir=run, **kw)
-    assert stats["steps"] == 18
+    said = []
+    got, stats = train_clone(tmp_path / "cache", cfg=CloneTrainConfig(epochs=3, batch_size=16), ckpt_dir=run,
+                             log=said.append, **kw)
+    assert stats["steps"] == 18 and "at epoch 1, batch 2 (step 8/18)" in said[0]
+    assert len([m for m in said if m.startswith("clone epoch")]) == 2  # epochs 2 and 3 only
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
     assert ref_sd.keys() == got_sd.keys() and all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
     # a rerun of a finished training trains nothing and returns the same clone
@@ -287,3 +290,47 @@ def test_clone_training_preempted_mid_epoch_resumes_bitwise(tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"train\.lr 0\.05 -> 0\.1") as e:
         train_clone(tmp_path / "cache", cfg=CloneTrainConfig(epochs=3, batch_size=16, lr=0.1), ckpt_dir=run, **kw)
     assert "\n" not in str(e.value) and "train.resume=none" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["dfme", "maze"])
+def test_data_free_preempted_resumes_bitwise_and_buys_nothing_twice(tmp_path, monkeypatch, kind):
+    """DFME/MAZE (generator, clone, optimizers, RNGs, MAZE's replay bank) checkpoint and resume exactly."""
+    from launch.common import make_accelerator
+    from stealer.classifier_attacks import CloneConfig, data_free
+    from stealer.preempt import Preempted, Preemption
+
+    acc = make_accelerator(cpu=True)
+    cfg = AttackConfig(name=kind, df_batch_size=4, gen_width=8, directions=2, clone_iters=2, replay_iters=2, nz=8)
+    kw = dict(kind=kind, budget=6 * cost_per_iteration(kind, 4, 2, 1, 2), user="u", cfg=cfg, clone_cfg=CloneConfig(width=4),
+              num_classes=3, channels=1, image_size=8, accelerator=acc, seed=0)
+    meta = {"out_dim": 3}
+    ref_t = CountingTarget()
+    ref, ref_stats = data_free(ref_t, PosteriorCache(tmp_path / "ref_cache", meta), ckpt_dir=tmp_path / "ref" / "ckpt",
+                               resume="none", **kw)
+    assert ref_stats["iterations"] == 6
+
+    calls = {"n": 0}
+
+    def stop_after_3(self):
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    t = CountingTarget()
+    monkeypatch.setattr(Preemption, "should_stop", stop_after_3)
+    with pytest.raises(Preempted, match=f"{kind} preempted after iteration 3/6"):
+        data_free(t, PosteriorCache(tmp_path / "cache", meta), ckpt_dir=tmp_path / "run" / "ckpt", **kw)
+    monkeypatch.undo()
+    bought = t.seen
+    assert 0 < bought < ref_t.seen
+    said = []
+    got, stats = data_free(t, PosteriorCache(tmp_path / "cache", meta), ckpt_dir=tmp_path / "run" / "ckpt",
+                           **{**kw, "log": said.append})
+    assert stats["iterations"] == 6 and any("resumed from" in m and "iteration 3/6" in m for m in said)
+    assert stats["received"] == ref_stats["received"] // 2  # iterations 4-6 only: 1-3 were not run again
+    # the resumed run bought exactly what the uninterrupted one did in all (nothing twice), and the same clone
+    assert t.seen == ref_t.seen
+    assert all(torch.equal(ref.state_dict()[k], got.state_dict()[k]) for k in ref.state_dict())
+    with pytest.raises(ValueError, match=r"attack\.lr_clone 0\.1 -> 0\.2") as e:
+        data_free(t, PosteriorCache(tmp_path / "cache", meta), ckpt_dir=tmp_path / "run" / "ckpt",
+                  **{**kw, "cfg": AttackConfig(**{**cfg.__dict__, "lr_clone": 0.2})})
+    assert "\n" not in str(e.value)
