@@ -43,7 +43,8 @@ class ResponseCache:
         self.root.mkdir(parents=True, exist_ok=True)
 
     # -- what is already paid for -------------------------------------------------------
-    def _complete(self) -> list[tuple[Path, dict[str, Any]]]:
+    def complete_shards(self) -> list[tuple[Path, dict[str, Any]]]:
+        """``(tar, {"count", "keys"})`` of every complete response shard (any rank, any earlier run)."""
         out = []
         for tar in sorted(self.root.glob("resp-*.tar")):
             side = tar.with_suffix(".json")
@@ -60,10 +61,10 @@ class ResponseCache:
 
     def done_keys(self) -> set[str]:
         """Keys whose responses are already cached (by any rank, in any earlier run)."""
-        return {k for _, meta in self._complete() for k in meta["keys"]}
+        return {k for _, meta in self.complete_shards() for k in meta["keys"]}
 
     def num_cached(self) -> int:
-        return sum(int(meta["count"]) for _, meta in self._complete())
+        return sum(int(meta["count"]) for _, meta in self.complete_shards())
 
     def check_meta(self, meta: dict[str, Any]) -> None:
         """Refuse to mix responses of another victim/user/representation into this cache."""
@@ -122,7 +123,7 @@ class ResponseCache:
         """Write ``manifest.json`` over every complete response shard (call on one rank)."""
         from stealer.shards import write_manifest
 
-        shards = [{"name": tar.name, "count": int(meta["count"])} for tar, meta in self._complete()]
+        shards = [{"name": tar.name, "count": int(meta["count"])} for tar, meta in self.complete_shards()]
         meta = json.loads((self.root / "cache.json").read_text()) if (self.root / "cache.json").is_file() else {}
         manifest = {
             "format": "sslsteal-shards/1",

@@ -210,7 +210,7 @@ class PosteriorCache:
             self.store.write_meta(meta)
         self.root = Path(root)
         self.known: dict[str, np.ndarray] = {}
-        for tar_path, _ in self.store._complete():
+        for tar_path, _ in self.store.complete_shards():
             with tarfile.open(tar_path) as tar:
                 for m in tar.getmembers():
                     if m.name.endswith(".npy"):
