@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["ResponseCache"]
+__all__ = ["CacheWriteError", "ResponseCache"]
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -29,6 +29,10 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mtime = 0
     tar.addfile(info, io.BytesIO(data))
+
+
+class CacheWriteError(OSError):
+    """A batch of responses could not be written (full disk, quota); the cache folder is as it was."""
 
 
 class ResponseCache:
@@ -104,19 +108,27 @@ class ResponseCache:
         tmp = self.root / f"{name}.tar.tmp"
         resp = np.asarray(responses).astype(_DTYPES[self.dtype])
         side_tmp = side.with_name(side.name + ".tmp")
-        side_tmp.write_text(json.dumps({"count": len(keys), "keys": list(keys)}))
-        os.replace(side_tmp, side)
-        with tarfile.open(tmp, "w") as tar:
-            for k, (ext, data), lab, r in zip(keys, images, labels, resp):
-                _add(tar, f"{k}.{ext}", data)
-                if int(lab) >= 0:
-                    _add(tar, f"{k}.cls", str(int(lab)).encode())
-                buf = io.BytesIO()
-                np.save(buf, r, allow_pickle=False)
-                _add(tar, f"{k}.npy", buf.getvalue())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, tar_path)
+        try:
+            side_tmp.write_text(json.dumps({"count": len(keys), "keys": list(keys)}))
+            os.replace(side_tmp, side)
+            with tarfile.open(tmp, "w") as tar:
+                for k, (ext, data), lab, r in zip(keys, images, labels, resp):
+                    _add(tar, f"{k}.{ext}", data)
+                    if int(lab) >= 0:
+                        _add(tar, f"{k}.cls", str(int(lab)).encode())
+                    buf = io.BytesIO()
+                    np.save(buf, r, allow_pickle=False)
+                    _add(tar, f"{k}.npy", buf.getvalue())
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, tar_path)
+        except OSError as e:  # a full disk or quota: leave the folder as it was (earlier shards intact)
+            for leftover in (tmp, side_tmp, side):
+                leftover.unlink(missing_ok=True)
+            why = os.strerror(e.errno) if e.errno else str(e).splitlines()[0][:100]
+            raise CacheWriteError(f"could not cache {len(keys)} answered queries in {self.root} ({why}); they are "
+                                  f"charged but not kept, every earlier response is intact; free space and rerun "
+                                  f"(a rerun pays only for what is not cached)") from e
         return tar_path
 
     def finalize(self, source: str = "") -> dict[str, Any]:

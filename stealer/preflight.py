@@ -7,7 +7,9 @@ any work ``check_inputs(cfg)`` verifies, for a ``StealConfig``:
   and every tar it lists) with at least ``query.num_queries`` images; the victim checkpoint
   (``victim.checkpoint``) is a file, or, over HTTP, the API key file (``victim.api_key_file``)
   is; ``victim.budget`` covers what the steal will send (images x the attack's queries per image);
-* train phase without the query phase: the run's response cache exists.
+* train phase without the query phase: the run's response cache exists;
+* disk: the file system of the run folder has room for the responses still to be cached
+  (:func:`check_disk_space`), so a steal does not pay for answers it then cannot keep.
 
 ``check_probe_inputs(cfg)`` does the same for a probe config (victim, stolen encoders, the
 train/test shard folders of every downstream set). Every failure is a ``FileNotFoundError`` or
@@ -26,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_inputs", "check_probe_inputs", "check_shards", "check_checkpoint", "main"]
+__all__ = ["check_inputs", "check_probe_inputs", "check_shards", "check_checkpoint", "check_disk_space", "main"]
 
 _DEFAULT_DATASETS = ("animal_mnist", "digits")
 
@@ -69,6 +71,53 @@ def check_checkpoint(path: str | Path, key: str) -> None:
     raise FileNotFoundError(f"victim checkpoint {p} ({key}) does not exist; {how}")
 
 
+#: the representation size assumed before the victim is loaded: a ResNet-50's 2,048 (the largest
+#: common victim), so the estimate errs on the safe side for smaller ones
+RESPONSE_DIM_ESTIMATE = 2048
+_NPY_MEMBER = 512 + 128 + 511  # tar header + .npy header + worst-case padding of one response member
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_disk_space(cfg: Any, images: int, per_image: int, free_bytes: int | None = None) -> int:
+    """Refuse a query phase whose response cache cannot fit on the run folder's file system.
+
+    The estimate per image still to be cached: its share of the query shards' bytes (the encoded
+    image is copied into the cache with its tar headers) plus ``per_image`` responses of
+    :data:`RESPONSE_DIM_ESTIMATE` values in ``query.dtype``. Images already in the run's cache
+    (a resumed job) need nothing. Returns the estimated bytes.
+    """
+    import shutil
+
+    from stealer.data import open_shards
+
+    shards = open_shards(cfg.data.query)
+    root = Path(shards.root)
+    shard_bytes = sum((root / n).stat().st_size for n in shards.names) if root.is_dir() else 0
+    image_b = shard_bytes / max(shards.num_samples, 1)
+    value_b = 2 if getattr(cfg.query, "dtype", "float32") == "float16" else 4
+    resp_b = per_image * RESPONSE_DIM_ESTIMATE * value_b + _NPY_MEMBER
+    cache_dir = Path(cfg.run_dir) / "cache"
+    cached = 0
+    if cache_dir.is_dir():
+        from stealer.cache import ResponseCache
+
+        cached = ResponseCache(cache_dir).num_cached()
+    need = int(max(images - cached, 0) * (image_b + resp_b))
+    where = _existing_ancestor(Path(cfg.run_dir))
+    free = shutil.disk_usage(where).free if free_bytes is None else free_bytes
+    if need > free:
+        raise ValueError(f"the response cache of this steal needs about {need / 2**30:.2f} GiB "
+                         f"({images - cached} images x {(image_b + resp_b) / 1024:.1f} KiB) but {where} has "
+                         f"{free / 2**30:.2f} GiB free; free space or set out_dir to a larger disk (nothing was paid)")
+    return need
+
+
 def check_inputs(cfg: Any) -> dict[str, Any]:
     """Fail early when a ``StealConfig``'s inputs are missing; returns what was checked (images, queries)."""
     out: dict[str, Any] = {}
@@ -90,7 +139,7 @@ def check_inputs(cfg: Any) -> dict[str, Any]:
         if cfg.victim.budget is not None and need > cfg.victim.budget:
             raise ValueError(f"victim.budget={cfg.victim.budget} is below the {need} queries this steal sends "
                              f"({images} images x {per_image} per image); raise victim.budget or lower query.num_queries")
-        out.update(images=images, queries=need)
+        out.update(images=images, queries=need, cache_bytes=check_disk_space(cfg, images, per_image))
     elif "train" in cfg.phases and not (cfg.run_dir / "cache" / "manifest.json").is_file():
         raise FileNotFoundError(f"response cache {cfg.run_dir / 'cache'} does not exist; run the query phase first "
                                 f"(phases=[query])")

@@ -60,6 +60,33 @@ def test_checkpoints_atomic_latest_keep_and_torn(tmp_path):
         load_checkpoint(other)
 
 
+def test_response_cache_full_disk_keeps_the_folder_consistent(tmp_path):
+    """A write past the disk's end fails in one line and leaves no partial shard or sidecar behind."""
+    import resource
+    import signal
+
+    from stealer.cache import CacheWriteError
+
+    cache = ResponseCache(tmp_path / "cache", rank=0)
+    cache.write_batch(["a0", "a1"], [("png", b"x" * 100)] * 2, [0, 0], np.ones((2, 4), dtype=np.float32))
+    before = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # a disk with 64 KiB left per file
+    try:
+        with pytest.raises(CacheWriteError) as e:
+            cache.write_batch(["b0", "b1"], [("png", b"x" * 100)] * 2, [0, 0], np.ones((2, 65536), dtype=np.float32))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    msg = str(e.value)
+    assert msg.startswith("could not cache 2 answered queries in ") and "\n" not in msg and "free space and rerun" in msg
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before  # no .tmp, no orphan sidecar
+    assert ResponseCache(tmp_path / "cache").done_keys() == {"a0", "a1"}
+    cache.write_batch(["b0", "b1"], [("png", b"x" * 100)] * 2, [0, 0], np.ones((2, 4), dtype=np.float32))  # room again
+    assert ResponseCache(tmp_path / "cache").done_keys() == {"a0", "a1", "b0", "b1"}
+
+
 def test_response_cache_round_trip_and_done_keys(tmp_path):
     from stealer.shards import encode_png
 

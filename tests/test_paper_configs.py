@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stealer.config import load_config
-from stealer.preflight import check_inputs, check_probe_inputs, main as preflight_main
+from stealer.preflight import check_disk_space, check_inputs, check_probe_inputs, main as preflight_main
 from stealer.steal import StealConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,24 @@ def test_paper_config_fails_early_naming_the_missing_file(path, tmp_path):
         check_inputs(load_config(StealConfig, path, small))
     ckpt = tmp_path / "ckpt.pth.tar"
     ckpt.write_bytes(b"x")
-    assert check_inputs(load_config(StealConfig, path, small + [f"victim.checkpoint={ckpt}"])) == {"images": 5, "queries": 5}
+    ok = load_config(StealConfig, path, small + [f"victim.checkpoint={ckpt}", f"out_dir={tmp_path / 'runs'}"])
+    got = check_inputs(ok)
+    assert (got["images"], got["queries"]) == (5, 5)
+    # the disk: 5 images x (their share of the query shards + a 2,048-float response and its tar member)
+    shard_b = sum(f.stat().st_size for f in (tmp_path / "query").glob("*.tar")) / 6
+    resp_b = 2048 * 4 + 1151 if ok.query.dtype == "float32" else 2048 * 2 + 1151
+    assert got["cache_bytes"] == int(5 * (shard_b + resp_b))
+    with pytest.raises(ValueError, match=r"needs about 0\.00 GiB \(5 images x .* KiB\) but .* has 0\.00 GiB free; "
+                                         r"free space or set out_dir to a larger disk \(nothing was paid\)") as e:
+        check_disk_space(ok, 5, 1, free_bytes=1000)
+    assert "\n" not in str(e.value)
+    assert check_disk_space(ok, 5, 1, free_bytes=got["cache_bytes"]) == got["cache_bytes"]
+    # a resumed job: what the run's cache already holds needs no room
+    from stealer.cache import ResponseCache
+
+    ResponseCache(ok.run_dir / "cache").write_batch([f"k{i}" for i in range(3)], [("png", b"x")] * 3, [0] * 3,
+                                                   np.zeros((3, 4), dtype=np.float32))
+    assert check_disk_space(ok, 5, 1, free_bytes=0 + int(2 * (shard_b + resp_b))) == int(2 * (shard_b + resp_b))
     with pytest.raises(ValueError, match=r"victim.budget=4 is below the 5 queries this steal sends \(5 images x 1 per image\)"):
         check_inputs(load_config(StealConfig, path, small + [f"victim.checkpoint={ckpt}", "victim.budget=4"]))
     with pytest.raises(ValueError, match="holds 6 images but 7 are wanted"):
