@@ -554,6 +554,24 @@ def _cosine(total: int) -> Callable[[int], float]:
     return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))
 
 
+def _matching_checkpoint(resume: str, ckpt_dir: str | os.PathLike | None, settings: dict[str, Any], what: str,
+                         marker: str, ignore: set[str] = frozenset()) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``resume`` names in ``ckpt_dir`` (``auto``: the newest), or None; one-line
+    ValueError when it was written with other ``settings`` or is not a ``what`` checkpoint."""
+    from stealer.ckpt import config_diff, describe_diff, resolve_resume
+
+    found = resolve_resume(resume, ckpt_dir) if ckpt_dir is not None else None
+    if found is not None:
+        path, state = found
+        old = state.get("settings", {})
+        changed = config_diff(old, settings, ignore)
+        if changed or marker not in state:
+            raise ValueError(f"{what} checkpoint {path} was written with other settings "
+                             f"({describe_diff(old, settings, changed[:6]) or f'not a {what} checkpoint'}); "
+                             f"use a new run name (name=...) or train.resume=none to start over")
+    return found
+
+
 def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budget: int, user: str, cfg: AttackConfig,
               clone_cfg: CloneConfig, num_classes: int, channels: int, image_size: int, accelerator: Any,
               seed: int = 0, log: Callable[[str], None] | None = None, ckpt_dir: str | os.PathLike | None = None,
@@ -620,22 +638,16 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
     replay_y: list[Tensor] = []
     from accelerate.utils import gather_object
 
-    from stealer.ckpt import config_diff, describe_diff, resolve_resume, rng_state, save_checkpoint, set_rng_state
+    from stealer.ckpt import rng_state, save_checkpoint, set_rng_state
     from stealer.config import to_dict
     from stealer.preempt import Preempted, Preemption
 
     settings = {"kind": kind, "attack": to_dict(cfg), "clone": to_dict(clone_cfg), "budget": budget, "seed": seed,
                 "world_size": world, "num_classes": num_classes}
     start = 0
-    found = resolve_resume(resume, ckpt_dir) if ckpt_dir is not None else None
+    found = _matching_checkpoint(resume, ckpt_dir, settings, kind, "generator", {"attack.query_sets", "attack.batch_size"})
     if found is not None:
         path, state = found
-        old = state.get("settings", {})
-        changed = config_diff(old, settings, {"attack.query_sets", "attack.batch_size"})
-        if changed or "generator" not in state:
-            raise ValueError(f"{kind} checkpoint {path} was written with other settings "
-                             f"({describe_diff(old, settings, changed[:6]) or 'not a data-free checkpoint'}); "
-                             f"use a new run name (name=...) or train.resume=none to start over")
         raw_g.load_state_dict(state["generator"])
         raw_s.load_state_dict(state["clone"])
         opt_g.load_state_dict(state["opt_g"])
@@ -746,7 +758,7 @@ def train_clone(cache_dir: str | os.PathLike, *, clone_cfg: CloneConfig, cfg: Cl
     """
     from accelerate.utils import gather_object
 
-    from stealer.ckpt import config_diff, describe_diff, resolve_resume, rng_state, save_checkpoint, set_rng_state
+    from stealer.ckpt import rng_state, save_checkpoint, set_rng_state
     from stealer.config import to_dict
     from stealer.optim import build_optimizer, build_schedule
     from stealer.preempt import Preempted, Preemption
@@ -770,15 +782,9 @@ def train_clone(cache_dir: str | os.PathLike, *, clone_cfg: CloneConfig, cfg: Cl
     settings = {"clone": to_dict(clone_cfg), "train": {k_: v for k_, v in to_dict(cfg).items() if k_ not in ("resume", "ckpt_every")},
                 "seed": seed, "cache_samples": shards.num_samples, "warm_start": init is not None}
     epoch, start_batch, step = 0, 0, 0
-    found = resolve_resume(cfg.resume, ckpt_dir) if ckpt_dir is not None else None
+    found = _matching_checkpoint(cfg.resume, ckpt_dir, settings, "clone", "optimizer")
     if found is not None:
         path, state = found
-        old = state.get("settings", {})
-        changed = config_diff(old, settings)
-        if changed or "clone" not in state:
-            raise ValueError(f"clone checkpoint {path} was written with other settings "
-                             f"({describe_diff(old, settings, changed[:6]) or 'not a clone checkpoint'}); "
-                             f"use a new run name (name=...) or train.resume=none to start over")
         clone.load_state_dict(state["clone"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
