@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dim", type=int, default=256, help="victim representation size")
+    p.add_argument("--dim", type=int, default=None, help="victim representation size (default: the random victim's)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--queries", type=int, default=2048)
@@ -68,6 +68,12 @@ def main() -> None:
     acc = make_accelerator(cpu=a.cpu)
     dev = acc.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    # the victim first: the student maps to its representation size (cached and online steps alike)
+    victim = random_victim(a.arch, in_chans=a.channels, width=a.width, stem=a.stem, image_size=a.size).to(dev)
+    if a.dim is not None and a.dim != victim.out_dim:
+        raise SystemExit(f"--dim {a.dim} differs from the victim's representation size {victim.out_dim} "
+                         f"({a.arch} width {a.width}); drop --dim or change --width")
+    a.dim = victim.out_dim
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (a.batch, a.channels, a.size, a.size), dtype=torch.uint8, generator=g).to(dev)
     responses = torch.randn(a.batch, a.dim, generator=g).to(dev)
@@ -96,7 +102,6 @@ def main() -> None:
     t_plain = _time(plain_step, a.steps, a.warmup, sync)
 
     # online steal (no cache): the victim answers the same batch, then the student steps
-    victim = random_victim(a.arch, in_chans=a.channels, width=a.width, stem=a.stem, image_size=a.size).to(dev)
 
     def online_step() -> None:
         y = victim(images)

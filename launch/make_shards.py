@@ -78,6 +78,7 @@ def make_shards(
     prefix: str = "train",
     overwrite: bool = False,
     keep_order: bool = False,
+    workers: int = 1,
 ) -> dict[str, dict]:
     """Write ``source`` as shards into ``out_dir`` (or one sub-folder per split).
 
@@ -95,6 +96,8 @@ def make_shards(
         overwrite: replace existing shard sets instead of failing.
         keep_order: write samples in source order instead of a seeded shuffle
             (source order is usually class-sorted, which hurts streaming readers).
+        workers: image folders only: read headers with this many threads and decode /
+            re-encode in this many processes; the shards are byte-for-byte the same.
 
     Returns:
         output folder (as a string) -> its manifest. For ``builtin:default`` the
@@ -110,6 +113,8 @@ def make_shards(
         raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if image_size is not None and image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {image_size}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
 
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
@@ -153,7 +158,7 @@ def make_shards(
 
     if out.resolve().is_relative_to(path.resolve()):
         raise ValueError(f"OUT_DIR {out} lies inside SOURCE {path}; write the shards somewhere else")
-    folder = ImageFolderSource.scan(path, image_size=image_size)
+    folder = ImageFolderSource.scan(path, image_size=image_size, workers=workers)
     labels = folder.labels
     common = dict(
         prefix=prefix, samples_per_shard=samples_per_shard, classes=folder.classes,
@@ -163,7 +168,7 @@ def make_shards(
     for sub, indices, label in _plan(labels, splits, seed, keep_order, out):
         counter = SkipCounter()
         result[str(sub)] = _write_set(
-            folder.samples(indices, skipped=counter), sub, skipped=counter, overwrite=overwrite,
+            folder.samples(indices, skipped=counter, workers=workers), sub, skipped=counter, overwrite=overwrite,
             source=f"{path}{label}", **common,
         )
     return result
@@ -259,6 +264,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--keep-order", action="store_true",
         help="write samples in source order (default: shuffled with --seed, since source order is often class-sorted)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="image folders: read headers with N threads and decode/encode in N processes (e.g. the node's cores); "
+        "the output is byte-for-byte that of 1 worker (default 1)",
+    )
     return parser
 
 
@@ -280,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = make_shards(
                 args.source, args.out_dir, samples_per_shard=args.samples_per_shard, image_size=args.image_size,
                 splits=dict(args.split), seed=args.seed, prefix=args.prefix, overwrite=args.overwrite,
-                keep_order=args.keep_order,
+                keep_order=args.keep_order, workers=args.workers,
             )
         except (OSError, ValueError, ImportError) as exc:
             print(f"{_PROG}: error: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -481,8 +482,12 @@ class ImageFolderSource:
     native_size: list[int] | None = None
 
     @classmethod
-    def scan(cls, root: str | os.PathLike[str], image_size: int | None = None) -> ImageFolderSource:
-        """Scan ``root``; raise ``FileNotFoundError``/``ShardSourceError`` (one line) if it is unusable."""
+    def scan(cls, root: str | os.PathLike[str], image_size: int | None = None, *, workers: int = 1) -> ImageFolderSource:
+        """Scan ``root``; raise ``FileNotFoundError``/``ShardSourceError`` (one line) if it is unusable.
+
+        ``workers`` > 1 reads the image headers with that many threads (the scan of a large tree
+        on a network file system is I/O bound); the result is the same as with one.
+        """
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"source {root} does not exist")
@@ -505,7 +510,6 @@ class ImageFolderSource:
         formats: set[str] = set()
         empty: list[Path] = []
         for ci, cdir in enumerate(class_dirs):
-            found = 0
             for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for fname in sorted(filenames):
@@ -513,19 +517,18 @@ class ImageFolderSource:
                     if fname.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
                         continue
                     src.files.append((path, ci))
-                    try:
-                        with Image.open(path) as im:
-                            fmt, mode, (w, h) = im.format or "", im.mode, im.size
-                    except _DECODE_ERRORS as exc:
-                        src.bad.add(len(src.files) - 1)
-                        _warn_skip(path, exc)
-                        continue
-                    formats.add(fmt)
-                    sizes.add((h, w))
-                    modes.add(mode)
-                    found += 1
-            if found == 0:
-                empty.append(cdir)
+        found = [0] * len(class_dirs)
+        for i, head in enumerate(_map_ordered(_read_header, [p for p, _ in src.files], workers, threads=True)):
+            if isinstance(head, BaseException):  # warned in file order, whatever order the threads ran in
+                src.bad.add(i)
+                _warn_skip(src.files[i][0], head)
+                continue
+            fmt, mode, (w, h) = head
+            formats.add(fmt)
+            sizes.add((h, w))
+            modes.add(mode)
+            found[src.files[i][1]] += 1
+        empty = [cdir for ci, cdir in enumerate(class_dirs) if found[ci] == 0]
         if len(src.files) == len(src.bad):
             what = "readable images" if src.files else "images"
             raise ShardSourceError(
@@ -555,48 +558,100 @@ class ImageFolderSource:
         *,
         key_prefix: str | None = None,
         skipped: SkipCounter | None = None,
+        workers: int = 1,
     ) -> Iterator[Sample]:
         """Decode and yield ``(key, bytes, ext, cls)`` for the files at ``indices`` (all by default).
 
         Keys are ``{key_prefix}-{file index:06d}`` (``key_prefix`` defaults to the
         sanitised folder name). Bad files and files that fail to decode are left
-        out and counted in ``skipped``.
+        out and counted in ``skipped``. ``workers`` > 1 decodes and re-encodes in that
+        many processes; samples, warnings and counts come out in the same order, so the
+        shards are byte-for-byte those of one worker.
         """
         prefix = sanitize_key_prefix(key_prefix or self.root.resolve().name)
         counter = skipped if skipped is not None else SkipCounter()
         n = len(self.files)
         width = max(6, len(str(max(n - 1, 0))))
         want_mode = "L" if self.channels == 1 else "RGB"
-        for i in range(n) if indices is None else indices:
-            i = int(i)
+        order = [int(i) for i in (range(n) if indices is None else indices)]
+        todo = [i for i in order if i not in self.bad]
+        jobs = [(str(self.files[i][0]), want_mode, self.image_ext, self.image_size) for i in todo]
+        encoded = iter(_map_ordered(_encode_image, jobs, workers, threads=False))
+        for i in order:
             if i in self.bad:
                 counter.n += 1
                 continue
+            data = next(encoded)
             path, cls = self.files[i]
-            try:
-                data = self._encode(path, want_mode)
-            except _DECODE_ERRORS as exc:
+            if isinstance(data, BaseException):
                 self.bad.add(i)
                 counter.n += 1
-                _warn_skip(path, exc)
+                _warn_skip(path, data)
                 continue
             yield f"{prefix}-{i:0{width}d}", data, self.image_ext, cls
 
     def _encode(self, path: Path, want_mode: str) -> bytes:
-        raw = path.read_bytes()
+        out = _encode_image((str(path), want_mode, self.image_ext, self.image_size))
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+
+def _read_header(path: Path) -> tuple[str, str, tuple[int, int]] | BaseException:
+    """``(format, mode, (w, h))`` of an image file, or the decode error (returned, not raised)."""
+    try:
+        with Image.open(path) as im:
+            return im.format or "", im.mode, im.size
+    except _DECODE_ERRORS as exc:
+        return exc
+
+
+def _encode_image(job: tuple[str, str, str, int | None]) -> bytes | BaseException:
+    """The shard bytes of one image file (see :class:`ImageFolderSource`), or the decode error.
+
+    A top-level function of plain arguments, so worker processes can run it.
+    """
+    path, want_mode, image_ext, image_size = job
+    try:
+        raw = Path(path).read_bytes()
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
-            if self.image_ext == "jpg" and im.format == "JPEG" and im.mode == want_mode:
+            if image_ext == "jpg" and im.format == "JPEG" and im.mode == want_mode:
                 return raw
             conv = im.convert(want_mode)
-        if self.image_size is not None:
-            conv = conv.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        if image_size is not None:
+            conv = conv.resize((image_size, image_size), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
-        if self.image_ext == "jpg":
+        if image_ext == "jpg":
             conv.save(buf, format="JPEG", quality=95)
         else:
             conv.save(buf, format="PNG")
         return buf.getvalue()
+    except _DECODE_ERRORS as exc:
+        return type(exc)(str(exc))  # a plain copy: tracebacks and file handles do not cross processes
+
+
+def _map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, *, threads: bool) -> Iterator[Any]:
+    """``fn`` over ``items`` in order: in this process (``workers`` <= 1), in a thread pool, or in a
+    process pool (``fork`` where the platform has it); results stream in input order."""
+    if workers <= 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    chunk = max(1, min(64, len(items) // (workers * 4)))
+    block = workers * chunk * 16  # results in flight stay bounded (a block), whatever the set's size
+    if threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as tpool:
+            for start in range(0, len(items), block):
+                yield from tpool.map(fn, items[start:start + block])
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers) as ppool:
+        for start in range(0, len(items), block):
+            yield from ppool.imap(fn, items[start:start + block], chunksize=chunk)
 
 
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)

@@ -255,6 +255,35 @@ def test_image_folder_jpeg_copied_unless_resized(tmp_path: Path) -> None:
     assert all(_decode(s["png"]).shape == (5, 5, 3) for s in samples2)
 
 
+def test_image_folder_parallel_workers_write_the_same_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers N (threads for headers, processes for encoding) changes nothing in the output."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "mixed"
+    for c, cls in enumerate(("ant", "bee", "cow")):
+        for i in range(14):
+            arr = rng.integers(0, 256, size=(9 + i % 3, 11, 3), dtype=np.uint8)
+            _save(src / cls / f"{i:02d}.{'jpg' if i % 2 else 'png'}", arr, "JPEG" if i % 2 else "PNG")
+    (src / "bee" / "05b.png").write_bytes(b"not an image")  # bad header: found by the scan
+    good = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)).save(good, format="PNG")
+    (src / "cow" / "07b.png").write_bytes(good.getvalue()[:150])  # header fine, pixels cut: found when encoding
+    outs, errs = {}, {}
+    for w in (1, 3):
+        out = tmp_path / f"w{w}"
+        argv = [str(src), str(out), "--image-size", "8", "--samples-per-shard", "7", "--split", "a=20", "--split", "b=15",
+                "--workers", str(w)]
+        assert make_shards_main(argv) == 0
+        errs[w] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        outs[w] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
+        for split in ("a", "b"):
+            m = read_manifest(out / split)
+            outs[w][Path(split) / "counts"] = json.dumps([m["num_samples"], m["skipped"], m["shards"]]).encode()
+    assert len(outs[1]) > 4 and outs[1] == outs[3]  # every tar byte for byte, the same counts
+    assert errs[1] == errs[3] and any("05b.png" in e for e in errs[1]) and any("07b.png" in e for e in errs[1])
+    assert make_shards_main([str(src), str(tmp_path / "x"), "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- splits
 
 

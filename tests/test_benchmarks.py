@@ -1,0 +1,81 @@
+"""Every script under benchmarks/ runs end to end at a tiny size and prints its ratios.
+
+Timings are never asserted; what is checked is that each script finishes, measures what it says
+(positive rates, both sides of each ratio) and that its correctness checks hold (the parallel
+folder converter writes the same bytes as one worker).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stdout(script: str, *args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p.stdout
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> tuple[dict, str]:
+    out = _stdout(script, *args, timeout=timeout)
+    start = out.index("{")  # the JSON block the script prints first, then its ratio lines
+    end = out.index("\n}", start) + 2
+    return json.loads(out[start:end]), out[end:]
+
+
+def test_steal_step_benchmark():
+    out, text = _run("steal_step.py", "--width", "8", "--batch", "16", "--steps", "2", "--warmup", "1",
+                     "--queries", "64", "--cpu")
+    for k in ("steal_step_s", "plain_step_s", "online_step_s", "query_phase_img_s", "plain_inference_img_s"):
+        assert out[k] > 0, k
+    assert out["steal_step_ratio"] == pytest.approx(out["steal_step_s"] / out["plain_step_s"], rel=0.01)
+    assert "steal step / plain supervised step" in text and "query phase / plain inference" in text
+
+
+def test_reader_benchmark():
+    out, text = _run("reader.py", "--n", "128", "--size", "16", "--batch", "32", "--workers", "1")
+    assert all(v > 0 for k, v in out.items() if k.endswith("img_s") or k.endswith("img_per_s"))
+    assert "shard reader / image-folder reader" in text
+
+
+def test_make_shards_benchmark_outputs_are_identical():
+    out, text = _run("make_shards.py", "--n", "60", "--src-size", "64", "--size", "16", "--workers", "2")
+    assert out["identical"] is True and out["images"] == 60 and out["img_per_s_1"] > 0 and out["img_per_s_2"] > 0
+    assert "byte-for-byte equal" in text
+
+
+def test_server_load_benchmark():
+    import re
+
+    text = _stdout("server_load.py", "--clients", "2", "--requests", "5", "--batch", "4")
+    assert "10 ok, 0 errors" in text  # every request of the bounded load answered
+    rate = re.search(r"requests/s ([0-9.]+) .* p99 ([0-9.]+) ms", text)
+    ratio = re.search(r"ratio served / in-process images/s = ([0-9.]+)x", text)
+    assert rate and ratio and float(rate.group(1)) > 0 and float(rate.group(2)) > 0 and float(ratio.group(1)) > 0
+
+
+def test_quantized_victim_benchmark(tmp_path):
+    import torch
+
+    from stealer.shards import build_default_data
+    from victims.classifier import build_classifier, save_classifier
+
+    sizes = {"animal_mnist": {"victim_train": 40, "query": 10, "probe_train": 10, "probe_test": 30},
+             "digits": {"probe_train": 10, "probe_test": 10}}
+    build_default_data(tmp_path / "data", image_size=16, sizes=sizes)
+    torch.manual_seed(0)
+    save_classifier(build_classifier("resnet18", 10, 1, 16, width=4, stem="small").eval(), tmp_path / "clf.pt")
+    d = tmp_path / "data" / "animal_mnist"
+    out, text = _run("quantized_victim.py", "--checkpoint", str(tmp_path / "clf.pt"), "--test", str(d / "probe_test"),
+                     "--calib", str(d / "victim_train"), "--calib-size", "16", "--batch", "8", "--repeats", "1",
+                     "--latency-images", "8")
+    assert out and "int8" in json.dumps(out).lower()
