@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=2048)
     p.add_argument("--workers", type=int, default=1, help="decode processes of the query phase")
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--victim-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the victim's forward in the query phase and in its baseline (auto: bf16 on GPUs, fp32 on CPU)")
     a = p.parse_args()
 
     acc = make_accelerator(cpu=a.cpu)
@@ -120,14 +122,20 @@ def main() -> None:
         cfg = load_config(StealConfig, None, [f"out_dir={tmp}", "name=bench", f"data.query={tmp}/q",
                                               f"data.image_size={a.size}", f"data.channels={a.channels}",
                                               f"query.batch_size={a.batch}", f"data.workers={a.workers}"])
-        api = VictimAPI(victim, QueryLedger(Path(tmp) / "ledger.sqlite"), device=dev)
+        api = VictimAPI(victim, QueryLedger(Path(tmp) / "ledger.sqlite"), device=dev, precision=a.victim_precision)
         t = time.perf_counter()
         run_query_phase(cfg, api, acc)
         sync()
         q_ips = a.queries / (time.perf_counter() - t)
 
     vdev = victim.to(dev)
-    t_inf = _time(lambda: vdev(images), a.steps, a.warmup, sync)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(api.precision)
+
+    def infer() -> None:  # the baseline: the same forward at the same precision, nothing else
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            vdev(images)
+
+    t_inf = _time(infer, a.steps, a.warmup, sync)
     inf_ips = a.batch / t_inf
 
     out = {
@@ -137,7 +145,7 @@ def main() -> None:
         "steal_step_ratio": round(t_steal / t_plain, 3),
         "online_step_s": round(t_online, 4), "online_step_ratio": round(t_online / t_plain, 3),
         "query_phase_img_s": round(q_ips, 1), "plain_inference_img_s": round(inf_ips, 1),
-        "query_phase_ratio": round(q_ips / inf_ips, 3),
+        "query_phase_ratio": round(q_ips / inf_ips, 3), "victim_precision": api.precision,
     }
     print(json.dumps(out, indent=1))
     print(f"steal step / plain supervised step = {out['steal_step_ratio']:.2f}x   (ideal ~1)")

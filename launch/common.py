@@ -116,4 +116,5 @@ def build_victim_api(vcfg: Any, run_dir: str | os.PathLike, device: Any = "cpu")
         ledger.set_budget(vcfg.user, vcfg.budget)
     from victims.defenses import build_defenses
 
-    return VictimAPI(encoder, ledger, defenses=build_defenses(list(vcfg.defenses)), device=device)
+    return VictimAPI(encoder, ledger, defenses=build_defenses(list(vcfg.defenses)), device=device,
+                     precision=getattr(vcfg, "precision", "fp32"))

@@ -75,6 +75,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=float, default=64.0, help="request body limit in MiB")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="default answer dtype")
     p.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, cuda:1)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the encoder's forward: auto = bf16 on GPUs that have it, fp16 on others, fp32 on the CPU")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -91,7 +93,8 @@ def build_app(a: argparse.Namespace) -> Any:
     encoder = load_victim_encoder(a.checkpoint, arch=a.arch or None, representation=a.representation)
     if a.random_init:
         encoder = random_victim(encoder)
-    api = VictimAPI(encoder, QueryLedger(ledger_db), defenses=build_defenses(a.defense), device=a.device)
+    api = VictimAPI(encoder, QueryLedger(ledger_db), defenses=build_defenses(a.defense), device=a.device,
+                    precision=a.precision)
     return create_app(api, keys_db=keys_db, rate_limit_per_s=a.rate, burst=a.burst,
                       max_request_bytes=int(a.max_request_mb * (1 << 20)), max_batch=a.max_batch,
                       response_dtype=a.dtype)

@@ -77,9 +77,12 @@ class VictimConfig:
     url: str = ""  # query a victim server (launch/serve.py) over HTTP instead of in-process
     api_key_file: str = ""  # file holding the API key for url
     max_retries: int = 8  # HTTP retries (exponential backoff with jitter, honouring Retry-After)
+    # the in-process victim's forward: auto (bf16 on GPUs that have it, fp16 on others, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"
 
     def validate(self) -> None:
         choice("victim.representation", self.representation, ["backbone", "projector"])
+        choice("victim.precision", self.precision, ["auto", "fp32", "bf16", "fp16"])
         if self.url and not self.api_key_file:
             raise ConfigError("victim.url is set but victim.api_key_file is not; create a key with python launch/serve.py add-user NAME")
         for d in self.defenses:
@@ -169,7 +172,8 @@ class StealConfig:
 # what may differ between a checkpoint's run and the run resuming it
 RESUME_MAY_CHANGE = {"resume", "resume_force", "phases", "cpu", "out_dir", "train.epochs", "train.ckpt_every", "train.keep",
                      "train.log_every", "data.workers", "victim.budget", "victim.state_dir", "query.batch_size",
-                     "train.mixed_precision", "train.channels_last", "train.compile"}  # speed, not the target
+                     "train.mixed_precision", "train.channels_last", "train.compile",  # speed, not the target
+                     "victim.precision"}  # the response cache refuses answers of another precision
 
 
 def _is_main(acc: Any) -> bool:
@@ -191,7 +195,9 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
             "random_init_victim": cfg.victim.random_init, "defenses": cfg.victim.defenses, "user": cfg.victim.user, "query_set": os.path.abspath(cfg.data.query),
             "out_dim": desc.get("out_dim"), "channels": cfg.data.channels, "image_size": [cfg.data.image_size] * 2,
             "classes": shards.manifest.get("classes", []), "image_ext": shards.manifest.get("image_ext", "png"),
-            "views": attack.view_recipe(cfg.attack, cfg.seed)}  # None (the raw image) leaves older caches valid
+            "views": attack.view_recipe(cfg.attack, cfg.seed),  # None (the raw image) leaves older caches valid
+            # answers at another precision are other answers; fp32 (None) leaves older caches valid
+            "victim_precision": None if getattr(victim, "precision", "fp32") == "fp32" else victim.precision}
     cache.check_meta(meta)
     if _is_main(accelerator):
         cache.write_meta(meta)

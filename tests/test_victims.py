@@ -457,3 +457,40 @@ def test_ranks_opening_a_new_ledger_at_once_never_fail(tmp_path):
         for p in procs:
             p.join(60)
         assert [q.get(timeout=10) for _ in procs] == ["ok", "ok"]
+
+
+def test_victim_precision_bf16_answers_close_to_fp32_and_cache_refuses_mixing(tmp_path) -> None:
+    """bf16 autocast of the victim's forward: float32 answers within bf16 rounding of fp32; a response
+    cache made at one precision refuses answers of another; fp16 on a CPU is refused in one line."""
+    from launch.common import make_accelerator
+    from stealer.config import load_config
+    from stealer.shards import array_samples, write_shards
+    from stealer.steal import StealConfig, run_query_phase
+    from victims.api import resolve_precision
+    from victims.simsiam import random_victim
+
+    torch.manual_seed(0)
+    enc = random_victim("resnet18", in_chans=1, width=8, stem="small", image_size=16)
+    x = torch.randint(0, 256, (12, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    fp32 = VictimAPI(enc, QueryLedger(tmp_path / "a.sqlite"))
+    bf16 = VictimAPI(enc, QueryLedger(tmp_path / "b.sqlite"), precision="bf16")
+    a, b = fp32.query(x, "u"), bf16.query(x, "u")
+    assert a.dtype == b.dtype == torch.float32 and bf16.ledger.spent("u") == 12 and not torch.equal(a, b)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert cos.min() > 0.99 and ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.05
+    assert resolve_precision("auto", "cpu") == "fp32" and fp32.precision == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a GPU; use bf16 or fp32 on the CPU"):
+        VictimAPI(enc, QueryLedger(tmp_path / "c.sqlite"), precision="fp16")
+    with pytest.raises(ValueError, match="victim precision 'half' is not valid; choose one of: auto, fp32, bf16, fp16"):
+        resolve_precision("half", "cpu")
+
+    import numpy as np
+
+    write_shards(array_samples(np.asarray(x[:, 0]), np.zeros(12, dtype=int), key_prefix="q"), tmp_path / "q",
+                 source="t", classes=["x"], channels=1, image_size=[16, 16])
+    cfg = load_config(StealConfig, None, [f"out_dir={tmp_path}", "name=p", f"data.query={tmp_path / 'q'}",
+                                          "data.image_size=16", "data.channels=1", "query.batch_size=6"])
+    acc = make_accelerator(cpu=True)
+    assert run_query_phase(cfg, fp32, acc)["queries_sent"] == 12
+    with pytest.raises(ValueError, match=r"made with other settings \{'victim_precision': \(None, 'bf16'\)\}"):
+        run_query_phase(cfg, bf16, acc)

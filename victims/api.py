@@ -33,6 +33,24 @@ __all__ = ["Defense", "VictimAPI"]
 Defense = Callable[[Tensor, Tensor, str], Tensor]
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``auto`` → bf16 on a GPU that has it, fp16 on other GPUs, fp32 elsewhere; others are checked."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"victim precision {precision!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("victim precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return precision
+
+
 class VictimAPI:
     """Serve a frozen :class:`VictimEncoder` to users under a query budget.
 
@@ -41,6 +59,9 @@ class VictimAPI:
         ledger: per-user budgets; charged for every image before encoding.
         defenses: applied in order to the representations.
         device: where the encoder runs; queries are moved there and answers stay there.
+        precision: the encoder's forward: ``fp32``, ``bf16`` or ``fp16`` (autocast; answers are
+            float32 either way and the defenses run in float32), or ``auto`` = bf16 on a GPU
+            that has it, fp16 on other GPUs, fp32 on the CPU.
     """
 
     def __init__(
@@ -50,11 +71,13 @@ class VictimAPI:
         *,
         defenses: Sequence[Defense] = (),
         device: str | torch.device = "cpu",
+        precision: str = "fp32",
     ) -> None:
         self.device = torch.device(device)
         self.encoder = encoder.to(self.device)
         self.ledger = ledger
         self.defenses = tuple(defenses)
+        self.precision = resolve_precision(precision, self.device)
 
     @property
     def out_dim(self) -> int:
@@ -114,7 +137,10 @@ class VictimAPI:
         if images.shape[0] == 0:
             return torch.empty(0, self.out_dim, device=self.device)
         images = images.to(self.device, non_blocking=True)
-        reps = self.encoder(images)  # N x D
+        dtype = _AUTOCAST.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            reps = self.encoder(images)  # N x D
+        reps = reps.float()
         for defense in self.defenses:
             reps = defense(reps, images, user)
         return reps.float()
