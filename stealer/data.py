@@ -183,6 +183,7 @@ class _Spec:
     image_size: int | None
     start_batch: int
     keep_bytes: bool = False
+    decode: bool = True  # False: leave decoding to the consumer (data.decode=device), keep the bytes
 
 
 def _stream_batches(spec: _Spec, stream: int) -> Iterator[dict[str, Any]]:
@@ -237,10 +238,11 @@ def _stream_batches(spec: _Spec, stream: int) -> Iterator[dict[str, Any]]:
         index = canon[(stream, local)]
         if index < spec.start_batch:
             continue  # resumed: consumed before the interruption (read, never decoded)
-        yield _collate(samples, index, spec.channels, spec.image_size, spec.keep_bytes)
+        yield _collate(samples, index, spec.channels, spec.image_size, spec.keep_bytes or not spec.decode, spec.decode)
 
 
-def _collate(samples: list[dict | None], index: int, channels: int, size: int | None, keep_bytes: bool = False) -> dict[str, Any]:
+def _collate(samples: list[dict | None], index: int, channels: int, size: int | None, keep_bytes: bool = False,
+             decode: bool = True) -> dict[str, Any]:
     images, labels, keys, responses, raw = [], [], [], [], []
     corrupt = 0
     for s in samples:
@@ -251,7 +253,7 @@ def _collate(samples: list[dict | None], index: int, channels: int, size: int | 
         try:
             if ext is None:
                 raise ValueError("no image field")
-            img = decode_image(s[ext], channels, size)
+            img = decode_image(s[ext], channels, size) if decode else None
             resp = None
             if "npy" in s:
                 resp = torch.from_numpy(np.load(io.BytesIO(s["npy"]), allow_pickle=False).astype(np.float32))
@@ -271,7 +273,7 @@ def _collate(samples: list[dict | None], index: int, channels: int, size: int | 
         "key": keys,
         "label": torch.tensor(labels, dtype=torch.long),
         "corrupt": corrupt,
-        "image": (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images
+        "image": (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images and decode
                   else torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8)),
     }
     if keep_bytes:
@@ -306,6 +308,8 @@ class ShardStream:
         channels, image_size: decode target (uint8 ``[C, S, S]``).
         limit: use only the first ``limit`` samples of the (permuted) sequence.
         keep_bytes: also return the undecoded ``(ext, bytes)`` of each image (for caches).
+        decode_device: decode in the consuming process on this device instead of in the loader
+            (``data.decode=device``; :mod:`stealer.device_decode`: nvJPEG on a GPU).
     """
 
     def __init__(
@@ -325,8 +329,10 @@ class ShardStream:
         pin_memory: bool = False,
         limit: int | None = None,
         keep_bytes: bool = False,
+        decode_device: str | torch.device | None = None,
     ) -> None:
         self.shards, self.batch_size, self.rank, self.world = shards, batch_size, rank, world
+        self.decode_device = None if decode_device is None else torch.device(decode_device)
         self.seed, self.shuffle, self.workers = seed, shuffle, workers
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.channels, self.image_size, self.drop_last, self.pin_memory = channels, image_size, drop_last, pin_memory
@@ -348,7 +354,8 @@ class ShardStream:
             order = [int(i) for i in np.random.default_rng([self.seed, epoch, 3]).permutation(len(order))]
         streams = max(1, self.workers)
         return _Spec(self.shards, self._sizes, order, self.rank, self.world, streams, self.seed, epoch,
-                     self.shuffle_buffer, self.channels, self.image_size, start_batch, self.keep_bytes)
+                     self.shuffle_buffer, self.channels, self.image_size, start_batch, self.keep_bytes,
+                     self.decode_device is None)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
         """Yield this rank's batches of ``epoch`` in canonical order, from ``start_batch`` on."""
@@ -367,7 +374,14 @@ class ShardStream:
         for batch in source:
             pending[batch["index"]] = batch
             while nxt in pending:
-                yield pending.pop(nxt)
+                out = pending.pop(nxt)
+                if self.decode_device is not None:
+                    from stealer.device_decode import decode_batch_on_device
+
+                    out = decode_batch_on_device(out, self.channels, self.image_size, self.decode_device)
+                    if not self.keep_bytes:
+                        out.pop("bytes", None)
+                yield out
                 nxt += 1
         if pending or nxt != len(self):
             raise RuntimeError(f"stream ended at batch {nxt} of {len(self)} with {len(pending)} out of order; this is a bug")

@@ -57,10 +57,14 @@ class DataConfig:
     channels: int = 1
     workers: int = 0  # DataLoader processes per rank (0 = decode in the training process)
     shuffle_buffer: int = 1000
+    # where images are decoded: cpu (PIL, in the loader workers) | device (JPEGs by nvJPEG on the GPU, in
+    # batches; other formats by PIL in the main process; see stealer/device_decode.py)
+    decode: str = "cpu"
 
     def validate(self) -> None:
         if self.channels not in (1, 3):
             raise ConfigError(f"data.channels={self.channels} is not valid; choose one of: 1, 3")
+        choice("data.decode", self.decode, ["cpu", "device"])
 
 
 @dataclass
@@ -197,13 +201,15 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
             "classes": shards.manifest.get("classes", []), "image_ext": shards.manifest.get("image_ext", "png"),
             "views": attack.view_recipe(cfg.attack, cfg.seed),  # None (the raw image) leaves older caches valid
             # answers at another precision are other answers; fp32 (None) leaves older caches valid
-            "victim_precision": None if getattr(victim, "precision", "fp32") == "fp32" else victim.precision}
+            "victim_precision": None if getattr(victim, "precision", "fp32") == "fp32" else victim.precision,
+            "decode": None if cfg.data.decode == "cpu" else cfg.data.decode}  # the pixels the victim saw
     cache.check_meta(meta)
     if _is_main(accelerator):
         cache.write_meta(meta)
     stream = ShardStream(shards, batch_size=cfg.query.batch_size, rank=rank, world=world, seed=cfg.seed, shuffle=False,
                          workers=cfg.data.workers, channels=cfg.data.channels, image_size=cfg.data.image_size,
-                         limit=cfg.query.num_queries, keep_bytes=True)
+                         limit=cfg.query.num_queries, keep_bytes=True,
+                         decode_device=accelerator.device if cfg.data.decode == "device" else None)
     done = cache.done_keys()
     wanted = stream.samples_per_epoch
     t0 = time.time()
@@ -302,7 +308,8 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     stream = ShardStream(shards, batch_size=cfg.train.batch_size, rank=rank, world=world, seed=cfg.seed, shuffle=True,
                          workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, channels=cfg.data.channels,
                          image_size=cfg.data.image_size, drop_last=cfg.train.drop_last,
-                         pin_memory=acc.device.type == "cuda")
+                         pin_memory=acc.device.type == "cuda",
+                         decode_device=acc.device if cfg.data.decode == "device" else None)
     steps_per_epoch = len(stream)
     extra_epochs = attack.extra_epochs(cfg)  # epochs before the student's (head_recreation: its head)
     torch.manual_seed(cfg.seed)

@@ -120,3 +120,106 @@ def test_missing_folder_and_missing_shard_errors(tmp_path):
     os.remove(os.path.join(shards.root, shards.names[0]))
     with pytest.raises(FileNotFoundError, match="listed in the manifest is missing"):
         open_shards(tmp_path / "s")
+
+
+def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_device_decode_matches_the_cpu_path_and_drops_corrupt_samples(tmp_path):
+    """data.decode=device: JPEGs decoded in one batched torchvision call (nvJPEG on a GPU; here the CPU),
+    resized and centre-cropped on the device; pixels close to PIL's, corrupt samples dropped with their
+    response, PNGs decoded by PIL; keys, labels and order as the CPU path."""
+    import torch
+
+    from stealer.device_decode import decode_batch
+
+    rng = np.random.default_rng(0)
+    # smooth photo-like images (JPEG is lossy on noise), 48 x 64, some grey-scale conversions ahead
+    yy, xx = np.mgrid[0:48, 0:64]
+    arrs = [np.stack([(np.sin(xx / (5 + i) + i) * 100 + 128), (np.cos(yy / (7 + i)) * 100 + 128),
+                      (xx + yy + 20 * i) % 256], -1).astype(np.uint8) for i in range(10)]
+    samples = []
+    for i, a in enumerate(arrs):
+        data, ext = (_jpeg(a), "jpg") if i % 3 else (encode_png(a), "png")
+        samples.append((f"k{i:03d}", data, ext, i % 2))
+    samples[4] = ("k004", b"\xff\xd8\xff\xe0 not really a jpeg", "jpg", 0)
+    # one shard set per extension (a set has one extension): JPEGs incl. the corrupt one, then PNGs
+    jpg = [s for s in samples if s[2] == "jpg"]
+    write_shards(jpg, tmp_path / "j", samples_per_shard=4, source="t", classes=["a", "b"], channels=3,
+                 image_size=None)
+    for ch in (3, 1):
+        cpu = list(ShardStream(open_shards(tmp_path / "j"), batch_size=8, shuffle=False, channels=ch,
+                               image_size=24).iter_epoch(0))
+        dev = list(ShardStream(open_shards(tmp_path / "j"), batch_size=8, shuffle=False, channels=ch, image_size=24,
+                               decode_device="cpu").iter_epoch(0))
+        assert [b["key"] for b in cpu] == [b["key"] for b in dev] and "k004" not in sum((b["key"] for b in dev), [])
+        assert [b["corrupt"] for b in cpu] == [b["corrupt"] for b in dev] and sum(b["corrupt"] for b in dev) == 1
+        for b, d in zip(cpu, dev):
+            assert d["image"].shape == b["image"].shape == (len(b["key"]), ch, 24, 24) and d["image"].dtype == torch.uint8
+            assert torch.equal(b["label"], d["label"]) and "bytes" not in d
+            diff = (b["image"].float() - d["image"].float()).abs()
+            assert diff.mean() < 4.0, diff.mean()  # PIL draft+bilinear vs decode+antialiased bilinear
+    # mixed formats and a corrupt JPEG in one call: PNG via PIL, the corrupt one reported, not raised
+    raw = [(ext, data) for _, data, ext, _ in samples]
+    images, ok = decode_batch(raw, 3, 16, "cpu")
+    assert ok == [i != 4 for i in range(10)] and images.shape == (9, 3, 16, 16)
+    png0 = torch.from_numpy(arrs[0]).permute(2, 0, 1)
+    from stealer.device_decode import resize_center_crop
+
+    assert torch.equal(images[0], resize_center_crop(png0, 16))  # the PNG is lossless: exact pixels, same geometry
+
+
+def test_device_decode_keeps_responses_aligned(tmp_path):
+    import torch
+
+    from stealer.device_decode import decode_batch_on_device
+
+    batch = {"index": 0, "key": ["a", "b", "c"], "label": torch.tensor([0, 1, 2]), "corrupt": 0,
+             "bytes": [("jpg", _jpeg(np.full((8, 8, 3), 50, np.uint8))), ("jpg", b"broken"),
+                       ("jpg", _jpeg(np.full((8, 8, 3), 200, np.uint8)))],
+             "response": torch.tensor([[1.0], [2.0], [3.0]]), "image": torch.empty(0, 3, 0, 0, dtype=torch.uint8)}
+    out = decode_batch_on_device(batch, 3, 8, "cpu")
+    assert out["key"] == ["a", "c"] and out["label"].tolist() == [0, 2] and out["corrupt"] == 1
+    assert out["response"].tolist() == [[1.0], [3.0]] and len(out["bytes"]) == 2
+    assert out["image"].shape == (2, 3, 8, 8) and abs(float(out["image"][0].float().mean()) - 50) < 3
+    assert abs(float(out["image"][1].float().mean()) - 200) < 3
+
+
+def test_steal_with_device_decode_equals_the_cpu_path_on_native_size_pngs(tmp_path):
+    """Query and train phases with data.decode=device (here on the CPU device): the default data are PNGs
+    at the model's size, so every pixel equals the CPU path's and the stolen student is bitwise the same.
+    The cache records the decode path and refuses the other one."""
+    import torch
+    from conftest import tiny_steal_assets
+
+    from launch.common import build_victim_api, make_accelerator
+    from stealer.config import load_config
+    from stealer.steal import StealConfig, run_query_phase, run_train_phase
+
+    sizes = {"animal_mnist": {"victim_train": 16, "query": 64, "probe_train": 8, "probe_test": 8},
+             "digits": {"probe_train": 8, "probe_test": 8}}
+    root, victim = tiny_steal_assets(tmp_path, sizes)
+    acc = make_accelerator(cpu=True)
+    students = {}
+    for decode in ("cpu", "device"):
+        cfg = load_config(StealConfig, None, [f"out_dir={tmp_path}", f"name={decode}", f"victim.checkpoint={victim}",
+                                              f"data.query={root}/data/animal_mnist/query", "data.image_size=16",
+                                              f"data.decode={decode}", "query.batch_size=32", "student.width=8",
+                                              "train.batch_size=32", "train.epochs=2", "train.augment=false"])
+        run_query_phase(cfg, build_victim_api(cfg.victim, cfg.run_dir), acc)
+        run_train_phase(cfg, acc)
+        students[decode] = torch.load(cfg.run_dir / "student.pt", weights_only=True)
+    sd_cpu, sd_dev = (students[k]["state_dict"] for k in ("cpu", "device"))
+    assert sd_cpu.keys() == sd_dev.keys() and all(torch.equal(sd_cpu[k], sd_dev[k]) for k in sd_cpu)
+    other = load_config(StealConfig, None, [f"out_dir={tmp_path}", "name=device", f"victim.checkpoint={victim}",
+                                            f"data.query={root}/data/animal_mnist/query", "data.image_size=16",
+                                            "data.decode=cpu"])
+    with pytest.raises(ValueError, match=r"other settings \{'decode': \('device', None\)\}"):
+        run_query_phase(other, build_victim_api(other.victim, other.run_dir), acc)
