@@ -135,6 +135,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | no | bf16 | fp16
     channels_last: bool = False  # NHWC memory format for the student (faster convs on GPUs)
     compile: bool = False  # torch.compile the student
+    # the fused (single-kernel) step of sgd/adamw: auto (on a GPU) | true | false; lars has no fused form
+    fused: Any = "auto"
     drop_last: bool = False
     ckpt_every: int = 200  # steps
     keep: int = 2  # checkpoints kept
@@ -146,6 +148,11 @@ class TrainConfig:
             raise ConfigError(f"train.loss_args must be a mapping (e.g. {{lambd: 0.005}}), got {self.loss_args!r}")
         choice("train.optimizer", self.optimizer, OPTIMIZERS)
         choice("train.mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
+        if self.fused not in ("auto", True, False):
+            raise ConfigError(f"train.fused={self.fused!r} is not valid; choose one of: auto, true, false")
+        if self.fused is True and self.optimizer not in FUSED_OPTIMIZERS:
+            raise ConfigError(f"train.fused=true needs train.optimizer in {', '.join(FUSED_OPTIMIZERS)} "
+                              f"(got {self.optimizer}); use train.fused=auto or false")
 
 
 @dataclass
@@ -173,10 +180,12 @@ class StealConfig:
             choice("phases", p, ["query", "train"])
 
 
+FUSED_OPTIMIZERS = ("sgd", "adamw")  # torch's fused steps (CUDA, and CPU in recent releases)
+
 # what may differ between a checkpoint's run and the run resuming it
 RESUME_MAY_CHANGE = {"resume", "resume_force", "phases", "cpu", "out_dir", "train.epochs", "train.ckpt_every", "train.keep",
                      "train.log_every", "data.workers", "victim.budget", "victim.state_dir", "query.batch_size",
-                     "train.mixed_precision", "train.channels_last", "train.compile",  # speed, not the target
+                     "train.mixed_precision", "train.channels_last", "train.compile", "train.fused",  # speed
                      "victim.precision"}  # the response cache refuses answers of another precision
 
 
@@ -315,8 +324,10 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     student = StolenEncoder(cfg.student.arch, attack.student_out_dim(cfg, out_dim), in_chans=cfg.data.channels,
                             width=cfg.student.width, stem=cfg.student.stem, image_size=cfg.data.image_size)
+    fused = cfg.train.optimizer in FUSED_OPTIMIZERS and (
+        cfg.train.fused is True or (cfg.train.fused == "auto" and acc.device.type == "cuda"))
     opt = build_optimizer(cfg.train.optimizer, student, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                          momentum=cfg.train.momentum)
+                          momentum=cfg.train.momentum, **({"fused": True} if fused else {}))
     sched = build_schedule(opt, steps_per_epoch * cfg.train.epochs, int(round(cfg.train.warmup_epochs * steps_per_epoch)),
                            cfg.train.final_lr_fraction)
     loss_fn = get_loss(cfg.train.loss)

@@ -149,3 +149,37 @@ def test_schedule_without_decay_phase() -> None:
     assert lrs[0] == pytest.approx(0.2) and lrs[9] == pytest.approx(2.0)
     assert lrs[10:] == [pytest.approx(2.0)] * 3
     assert _lrs(total=0, warmup=0, final=0.0, steps=2) == [2.0, 2.0, 2.0]
+
+
+def test_fused_sgd_and_adamw_steps_match_the_plain_ones(tmp_path):
+    """train.fused=true (torch's single-kernel step; CPU too in this release) trains the same student as
+    false, up to float rounding; lars has no fused form and fused=true with it is refused in one line."""
+    from conftest import tiny_steal_assets
+
+    from launch.common import build_victim_api, make_accelerator
+    from stealer.config import ConfigError, load_config
+    from stealer.steal import StealConfig, run_query_phase, run_train_phase
+
+    sizes = {"animal_mnist": {"victim_train": 16, "query": 64, "probe_train": 8, "probe_test": 8},
+             "digits": {"probe_train": 8, "probe_test": 8}}
+    root, victim = tiny_steal_assets(tmp_path, sizes)
+    acc = make_accelerator(cpu=True)
+    base = [f"out_dir={tmp_path}", f"victim.checkpoint={victim}", f"data.query={root}/data/animal_mnist/query",
+            "data.image_size=16", "query.batch_size=32", "student.width=8", "train.batch_size=32", "train.epochs=2",
+            "train.augment=false", "train.lr=0.05"]
+    for optimizer in ("sgd", "adamw"):
+        sds = {}
+        for fused in ("false", "true"):
+            cfg = load_config(StealConfig, None, base + [f"name={optimizer}_{fused}", f"train.optimizer={optimizer}",
+                                                         f"train.fused={fused}"])
+            run_query_phase(cfg, build_victim_api(cfg.victim, cfg.run_dir), acc)
+            run_train_phase(cfg, acc)
+            sds[fused] = torch.load(cfg.run_dir / "student.pt", weights_only=True)["state_dict"]
+            opt_state = torch.load(sorted((cfg.run_dir / "ckpt").glob("ckpt-*.pt"))[-1], weights_only=True)["optimizer"]
+            assert all(bool(g.get("fused")) == (fused == "true") for g in opt_state["param_groups"])
+        assert all(torch.allclose(sds["false"][k].float(), sds["true"][k].float(), atol=1e-4, rtol=1e-3)
+                   for k in sds["false"])
+    with pytest.raises(ConfigError, match="train.fused=true needs train.optimizer in sgd, adamw \\(got lars\\)"):
+        load_config(StealConfig, None, base + ["train.fused=true"])
+    with pytest.raises(ConfigError, match="train.fused='yes please' is not valid; choose one of: auto, true, false"):
+        load_config(StealConfig, None, base + ["train.fused=yes please"])
