@@ -103,8 +103,11 @@ def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = SimSiam(m.arch, dim=m.dim, pred_dim=m.pred_dim, in_chans=cfg.channels, width=m.width, stem=m.stem)
-    if world > 1:
+    if world > 1 and acc.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SimSiam needs SyncBN across ranks
+    elif world > 1 and acc.is_main_process:  # DDP refuses SyncBatchNorm on CPU modules
+        print(f"note: BatchNorm statistics are per process on the CPU ({world} processes x batch {cfg.batch_size}); "
+              f"SyncBatchNorm needs GPUs", flush=True)
     lr = cfg.lr * cfg.batch_size * world / 256
     opt = build_optimizer("sgd", model, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     if cfg.fix_pred_lr:  # the official recipe keeps the predictor at a constant lr

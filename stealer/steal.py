@@ -135,6 +135,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | no | bf16 | fp16
     channels_last: bool = False  # NHWC memory format for the student (faster convs on GPUs)
     compile: bool = False  # torch.compile the student
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm) when several processes train
     # the fused (single-kernel) step of sgd/adamw: auto (on a GPU) | true | false; lars has no fused form
     fused: Any = "auto"
     drop_last: bool = False
@@ -370,6 +371,11 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
         extras["extra_epochs"] = extra_epochs
     epochs = extra_epochs + cfg.train.epochs
     total = steps_per_epoch * epochs
+    if cfg.train.sync_bn and world > 1:  # converted before prepare (DDP), as the SimSiam trainer does
+        if acc.device.type != "cuda":
+            raise ValueError(f"train.sync_bn needs GPUs (DDP refuses SyncBatchNorm on {acc.device.type} modules); "
+                             f"set train.sync_bn=false for {world} CPU processes")
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
     model, opt = acc.prepare(student, opt)  # never prepare the stream or the schedule (see data.py)

@@ -188,3 +188,39 @@ def test_two_rank_infonce_gradient_matches_single_process(
         infonce(s2, target, temperature=TEMP).backward()
         assert s2.grad is not None
         torch.testing.assert_close(s_grad, s2.grad, atol=tol, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_victim_pretraining_and_sync_bn_on_cpu(tmp_path):
+    """SimSiam victim pre-training on 2 CPU processes runs (SyncBatchNorm, which DDP refuses on CPU
+    modules, is used on GPUs only), and a steal asking for train.sync_bn on CPU processes stops in one
+    line after its query phase, which keeps every paid answer."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_steal_assets
+
+    from stealer.cache import ResponseCache
+    from victims.ledger import QueryLedger
+
+    repo = Path(__file__).resolve().parents[1]
+    sizes = {"animal_mnist": {"victim_train": 64, "query": 64, "probe_train": 8, "probe_test": 8},
+             "digits": {"probe_train": 8, "probe_test": 8}}
+    root, victim = tiny_steal_assets(tmp_path, sizes)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    run2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    p = subprocess.run(run2 + ["--master_port", str(free_port()), str(repo / "launch" / "train_victim.py"),
+                               f"out_dir={tmp_path}", "name=v2", "cpu=true", f"train_data={root}/data/animal_mnist/victim_train",
+                               "image_size=16", "model.width=8", "model.dim=32", "model.pred_dim=16", "batch_size=16",
+                               "epochs=1"], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "BatchNorm statistics are per process on the CPU (2 processes" in p.stdout + p.stderr
+    assert (tmp_path / "v2" / "checkpoint.pth.tar").is_file()
+    p = subprocess.run(run2 + ["--master_port", str(free_port()), str(repo / "launch" / "steal.py"), f"out_dir={tmp_path}",
+                               "name=s", "cpu=true", f"victim.checkpoint={victim}", "victim.budget=64",
+                               f"data.query={root}/data/animal_mnist/query", "data.image_size=16", "student.width=8",
+                               "train.sync_bn=true"], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error:")]
+    assert p.returncode != 0 and errors and "train.sync_bn needs GPUs" in errors[0] and "train.sync_bn=false" in errors[0]
+    assert QueryLedger(tmp_path / "s" / "victim_state" / "ledger.sqlite").spent("attacker") == 64
+    assert ResponseCache(tmp_path / "s" / "cache").num_cached() == 64  # paid and kept: a rerun trains on them
