@@ -43,7 +43,8 @@ def test_steal_step_benchmark():
 
 def test_reader_benchmark():
     out, text = _run("reader.py", "--n", "128", "--size", "16", "--batch", "32", "--workers", "1")
-    assert all(v > 0 for k, v in out.items() if k.endswith("img_s") or k.endswith("img_per_s"))
+    assert out["images"] == 128 and out["shard_img_s"] > 0 and out["folder_img_s"] > 0
+    assert out["ratio"] == pytest.approx(out["shard_img_s"] / out["folder_img_s"], rel=0.01)
     assert "shard reader / image-folder reader" in text
 
 
@@ -78,4 +79,9 @@ def test_quantized_victim_benchmark(tmp_path):
     out, text = _run("quantized_victim.py", "--checkpoint", str(tmp_path / "clf.pt"), "--test", str(d / "probe_test"),
                      "--calib", str(d / "victim_train"), "--calib-size", "16", "--batch", "8", "--repeats", "1",
                      "--latency-images", "8")
-    assert out and "int8" in json.dumps(out).lower()
+    assert out["test_images"] == 30 and out["int8_weight_fraction"] == 1.0  # every conv/linear weight is qint8
+    assert 0 <= out["accuracy"]["top1_agreement"] <= 1
+    lat = out["latency_ms_per_image"]
+    assert lat["fp32"] > 0 and lat["int8"] > 0 and lat["int8_over_fp32"] == pytest.approx(lat["int8"] / lat["fp32"])
+    assert set(out["query_latency_ms_per_image"]) == {"none", "dcp", "mad", "mad_reference_autograd"}
+    assert out["mad_over_dcp"]["closed_form"] > 0
