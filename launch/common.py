@@ -79,6 +79,16 @@ def fail(message: str, code: int = 2) -> typing.NoReturn:
     sys.exit(code)
 
 
+def exit_preempted(acc: Any, exc: BaseException) -> typing.NoReturn:
+    """A job stopped by a preemption request after its checkpoint: say so once, exit 3
+    (``stealer.preempt.PREEMPT_EXIT_CODE``: resumable; a requeued job resumes by itself)."""
+    from stealer.preempt import PREEMPT_EXIT_CODE
+
+    if acc.is_main_process:
+        print(str(exc), flush=True)
+    sys.exit(PREEMPT_EXIT_CODE)
+
+
 def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Any:
     """An Accelerator on the GPU when there is one (and ``cpu`` is false), else CPU (gloo across processes)."""
     import torch

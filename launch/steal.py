@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import build_victim_api, fail, make_accelerator, parse_job_args, queries_spent  # noqa: E402
+from launch.common import build_victim_api, exit_preempted, fail, make_accelerator, parse_job_args, queries_spent  # noqa: E402
 from stealer.config import save_config  # noqa: E402
 from stealer.preflight import check_inputs  # noqa: E402
-from stealer.preempt import PREEMPT_EXIT_CODE, Preempted  # noqa: E402
+from stealer.preempt import Preempted  # noqa: E402
 from stealer.steal import StealConfig, run_query_phase, run_train_phase  # noqa: E402
 
 
@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "train" in cfg.phases:
             out["train"] = run_train_phase(cfg, acc)
     except Preempted as e:
-        if acc.is_main_process:
-            print(str(e), flush=True)
-        sys.exit(PREEMPT_EXIT_CODE)
+        exit_preempted(acc, e)
     except (FileNotFoundError, ValueError, ImportError, ConnectionError, OSError) as e:
         fail(str(e).splitlines()[0])
     except RuntimeError as e:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from launch.common import fail, make_accelerator, parse_job_args  # noqa: E402
+from launch.common import exit_preempted, fail, make_accelerator, parse_job_args  # noqa: E402
 from stealer.classifier_attacks import (AttackConfig, CloneConfig, CloneTrainConfig, PosteriorCache,  # noqa: E402
                                         build_clone, data_free, knockoff_adaptive, knockoff_random, load_pool,
                                         train_clone, write_json)
@@ -227,14 +227,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     acc = make_accelerator(cfg.cpu)
     if acc.is_main_process:
         save_config(cfg, cfg.run_dir / "config.yaml")
-    from stealer.preempt import PREEMPT_EXIT_CODE, Preempted
+    from stealer.preempt import Preempted
 
     try:
         out = run_steal(cfg, acc)
     except Preempted as e:  # checkpointed; a requeued or rerun job resumes (train.resume=auto)
-        if acc.is_main_process:
-            print(str(e), flush=True)
-        sys.exit(PREEMPT_EXIT_CODE)
+        exit_preempted(acc, e)
     except (FileNotFoundError, ValueError, ImportError) as e:
         fail(str(e).splitlines()[0])
     except RuntimeError as e:

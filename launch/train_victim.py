@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import fail, make_accelerator, parse_job_args  # noqa: E402
+from launch.common import exit_preempted, fail, make_accelerator, parse_job_args  # noqa: E402
 from stealer.config import save_config  # noqa: E402
 
 TASKS = ("simsiam", "classify")
@@ -46,14 +46,12 @@ def main(argv: list[str] | None = None) -> Path:
     acc = make_accelerator(cfg.cpu, cfg.mixed_precision)
     if acc.is_main_process:
         save_config(cfg, cfg.run_dir / "config.yaml")
-    from stealer.preempt import PREEMPT_EXIT_CODE, Preempted
+    from stealer.preempt import Preempted
 
     try:
         path = train(cfg, acc)
     except Preempted as e:  # checkpointed; a requeued job resumes with --resume auto
-        if acc.is_main_process:
-            print(str(e), flush=True)
-        sys.exit(PREEMPT_EXIT_CODE)
+        exit_preempted(acc, e)
     except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0])
     if acc.is_main_process:

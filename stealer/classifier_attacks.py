@@ -644,7 +644,7 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
 
     settings = {"kind": kind, "attack": to_dict(cfg), "clone": to_dict(clone_cfg), "budget": budget, "seed": seed,
                 "world_size": world, "num_classes": num_classes}
-    start = 0
+    start, loss_g, loss_s = 0, float("nan"), float("nan")
     found = _matching_checkpoint(resume, ckpt_dir, settings, kind, "generator", {"attack.query_sets", "attack.batch_size"})
     if found is not None:
         path, state = found
@@ -680,10 +680,8 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
         preempt = Preemption(Path(ckpt_dir).parent, acc)
         preempt.clear_stale_flag()
     t0 = time.time()
-    if found is None:
-        loss_g = loss_s = float("nan")
     for it in range(start, iters):
-        base_x = base_y = None
+        base_x = None
         for _ in range(gi):  # (1) generator: maximise the disagreement, gradient estimated zeroth-order
             g_ddp.train()
             z = torch.randn(bsz, nz, generator=rng).to(dev)

@@ -590,12 +590,6 @@ class ImageFolderSource:
                 continue
             yield f"{prefix}-{i:0{width}d}", data, self.image_ext, cls
 
-    def _encode(self, path: Path, want_mode: str) -> bytes:
-        out = _encode_image((str(path), want_mode, self.image_ext, self.image_size))
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
 
 def _read_header(path: Path) -> tuple[str, str, tuple[int, int]] | BaseException:
     """``(format, mode, (w, h))`` of an image file, or the decode error (returned, not raised)."""
