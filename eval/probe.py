@@ -75,6 +75,9 @@ def linear_probe(
         steps, lr: full-batch Adam steps (cosine-annealed) per fit.
         weight_decays: L2 penalties tried on a held-out ``val_fraction`` of the training set.
     """
+    if steps < 1 or not lr > 0:
+        raise ValueError(f"linear probe steps={steps} and lr={lr} must be >= 1 and > 0 (probe keys steps, lr); "
+                         f"an unfitted probe reports chance accuracy")
     if (train_y < 0).any() or (test_y < 0).any():
         raise ValueError("probe sets must be labelled (found samples without a cls); build them with launch/make_shards.py from labelled data")
     num_classes = int(max(train_y.max(), test_y.max()).item()) + 1

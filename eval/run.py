@@ -14,7 +14,7 @@ from eval.features import extract_features
 from eval.knn import knn_classify
 from eval.metrics import fidelity, prediction_agreement, rank_correlation
 from eval.probe import linear_probe
-from stealer.config import ConfigError, choice
+from stealer.config import Channels, ConfigError, NonNegInt, PositiveFloat, PositiveInt, choice
 from stealer.student import StolenEncoder, load_student
 
 __all__ = ["ProbeConfig", "run_probe", "parse_set"]
@@ -24,24 +24,24 @@ __all__ = ["ProbeConfig", "run_probe", "parse_set"]
 class ProbeConfig:
     name: str = "probe"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: NonNegInt = 0
     cpu: bool = False
     victim: str = "runs/demo/victim/checkpoint.pth.tar"  # '' = no victim row
     victim_representation: str = "backbone"
     stolen: list[str] = field(default_factory=list)  # NAME=path/to/student.pt ...
     random: bool = True  # add random-init encoders of the first stolen encoder's architecture
-    random_seeds: int = 5  # how many random inits; 'random' reports their mean (min/max kept)
+    random_seeds: PositiveInt = 5  # how many random inits; 'random' reports their mean (min/max kept)
     control_teacher: bool = False  # also probe the random-init victim a control steal queried (seed 0)
     stolen_features: str = "output"  # output (what imitates the victim) | backbone (pooled features)
     sets: list[str] = field(default_factory=lambda: [
         "animal_mnist:runs/demo/data/animal_mnist/probe_train:runs/demo/data/animal_mnist/probe_test"])
-    image_size: int = 32
-    channels: int = 1
-    train_limit: int | None = None  # use only the first N probe-train images (a few-label probe); None = all
-    batch_size: int = 500
-    steps: int = 300
-    knn_k: int = 20
-    lr: float = 0.01
+    image_size: PositiveInt = 32
+    channels: Channels = 1
+    train_limit: PositiveInt | None = None  # use only the first N probe-train images (a few-label probe); None = all
+    batch_size: PositiveInt = 500
+    steps: PositiveInt = 300  # optimizer steps of each linear probe
+    knn_k: PositiveInt = 20
+    lr: PositiveFloat = 0.01
 
     @property
     def run_dir(self) -> Path:

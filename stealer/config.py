@@ -15,17 +15,95 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Annotated, Any, Iterable, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice"]
+__all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice",
+           "Range", "OneOf", "constraint_text", "check_value", "PositiveInt", "NonNegInt", "PositiveFloat", "NonNegFloat",
+           "Fraction", "Momentum", "Channels"]
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed interval of a numeric config key, declared next to the field in its type::
+
+        epochs: Annotated[int, Range(ge=1)] = 30      # or the alias PositiveInt
+        momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
+
+    Checked when the config is built (before anything runs) and shown by ``--help``.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def ok(self, value: Any) -> bool:
+        return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+
+    def text(self) -> str:
+        lo = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
+        hi = f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else ""
+        return " and ".join(t for t in (lo, hi) if t)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """The allowed values of a config key (``Annotated[int, OneOf(1, 3)]``), checked and shown like a Range."""
+
+    values: tuple[Any, ...]
+
+    def __init__(self, *values: Any) -> None:
+        object.__setattr__(self, "values", tuple(values))
+
+    def ok(self, value: Any) -> bool:
+        return value in self.values
+
+    def text(self) -> str:
+        return "one of " + ", ".join(str(v) for v in self.values)
+
+
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegFloat = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, le=1)]
+Momentum = Annotated[float, Range(ge=0, lt=1)]
+Channels = Annotated[int, OneOf(1, 3)]  # grey or RGB images
+
+
+def _constraints(tp: Any) -> list[Any]:
+    """The Range/OneOf declarations of a (possibly Optional / list-of) annotated type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return [m for m in tp.__metadata__ if isinstance(m, (Range, OneOf))]
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        return [c for a in args for c in _constraints(a)]
+    return []
+
+
+def constraint_text(tp: Any) -> str:
+    """``">= 1"``, ``"one of 1, 3"`` … for a field's type ('' when it declares none): what ``--help`` shows."""
+    return "; ".join(c.text() for c in _constraints(tp))
+
+
+def check_value(key: str, value: Any, constraint: Range | OneOf, default: Any = dataclasses.MISSING) -> None:
+    """Raise a one-line ConfigError naming ``key``, the allowed range and a valid value when ``value`` is outside it."""
+    if value is None or constraint.ok(value):
+        return
+    example = default if default is not dataclasses.MISSING and default is not None and constraint.ok(default) else None
+    fix = f"set {key} to a value {constraint.text()}" if isinstance(constraint, Range) else f"set {key} to {constraint.text()}"
+    if example is not None:
+        fix += f" (the default is {key}={example})"
+    raise ConfigError(f"{key}={value!r} is out of range; {fix}")
 
 
 def choice(key: str, value: str, allowed: Iterable[str]) -> None:
@@ -35,9 +113,15 @@ def choice(key: str, value: str, allowed: Iterable[str]) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str, default: Any = dataclasses.MISSING) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:
+        out = _coerce(value, args[0], where, default)
+        for c in _constraints(tp):
+            for v in (out if isinstance(out, (list, tuple)) else [out]):
+                check_value(where, v, c, default)
+        return out
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -46,7 +130,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, where, default)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
@@ -97,14 +181,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls, include_extras=True)  # keep the Range/OneOf declarations
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for key, value in (data or {}).items():
         if key not in fields:
             where = f" under '{prefix[:-1]}'" if prefix else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys{where}: {', '.join(sorted(fields))}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[key] = _coerce(value, hints[key], prefix + key, fields[key].default)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):

@@ -23,7 +23,8 @@ import torch
 
 from stealer.augment import AugmentConfig, augment, batch_generator, normalize
 from stealer.ckpt import resolve_resume, save_checkpoint
-from stealer.config import ConfigError, choice, to_dict
+from stealer.config import (Channels, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice,
+                            to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.optim import build_optimizer, build_schedule
 from stealer.preempt import Preempted, Preemption
@@ -36,57 +37,58 @@ __all__ = ["VictimTrainConfig", "train_simsiam_victim"]
 @dataclass
 class VictimModelConfig:
     arch: str = "resnet18"
-    width: int = 32
+    width: PositiveInt = 32
     stem: str = "small"
-    dim: int = 512  # projector output (2048 for the official ResNet-50)
-    pred_dim: int = 128  # predictor bottleneck (512 officially)
+    dim: PositiveInt = 512  # projector output (2048 for the official ResNet-50)
+    pred_dim: PositiveInt = 128  # predictor bottleneck (512 officially)
 
 
 @dataclass
 class WatermarkConfig:
     enabled: bool = False  # train the rotation-prediction watermark task (ICML'22) alongside SimSiam
     data: str = ""  # shard folder of the watermark set ('' = the first `size` images of train_data)
-    size: int = 512  # images in the watermark set
-    batch_size: int = 32  # watermark images per step (x4 rotations), appended to the first view
-    weight: float = 1.0  # weight of the rotation loss
-    hidden: int = 256  # hidden width of the rotation head
+    size: PositiveInt = 512  # images in the watermark set
+    batch_size: PositiveInt = 32  # watermark images per step (x4 rotations), appended to the first view
+    weight: NonNegFloat = 1.0  # weight of the rotation loss
+    hidden: PositiveInt = 256  # hidden width of the rotation head
 
 
 @dataclass
 class VictimTrainConfig:
     name: str = "victim"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: NonNegInt = 0
     cpu: bool = False
     resume: str = "auto"
     train_data: str = "runs/demo/data/animal_mnist/victim_train"
-    image_size: int = 32
-    channels: int = 1
-    workers: int = 0
+    image_size: PositiveInt = 32
+    channels: Channels = 1
+    workers: NonNegInt = 0
     model: VictimModelConfig = field(default_factory=VictimModelConfig)
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = 40
-    batch_size: int = 256  # per rank
-    lr: float = 0.05  # base lr, scaled by global batch / 256 (SimSiam)
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
+    epochs: PositiveInt = 40
+    batch_size: PositiveInt = 256  # per rank
+    lr: PositiveFloat = 0.05  # base lr, scaled by global batch / 256 (SimSiam)
+    weight_decay: NonNegFloat = 1e-4
+    momentum: Momentum = 0.9
     fix_pred_lr: bool = True
-    warmup_epochs: float = 0.0
+    warmup_epochs: NonNegFloat = 0.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    ckpt_every: int = 200
-    log_every: int = 10
+    ckpt_every: PositiveInt = 200
+    log_every: PositiveInt = 10
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
     def validate(self) -> None:
+        from victims.backbones import BACKBONES, STEMS
+
         choice("mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
-        w = self.watermark
-        if w.enabled and (w.size < 1 or w.batch_size < 1 or w.weight < 0 or w.hidden < 1):
-            raise ConfigError(f"watermark.size={w.size}, watermark.batch_size={w.batch_size}, watermark.hidden="
-                              f"{w.hidden} must be >= 1 and watermark.weight={w.weight} >= 0")
+        if not self.model.arch.startswith("timm:"):
+            choice("model.arch", self.model.arch, list(BACKBONES) + ["timm:<model name>"])
+            choice("model.stem", self.model.stem, list(STEMS))
 
 
 def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:

@@ -29,9 +29,10 @@ import torch
 
 from stealer.attacks import AttackConfig, StepContext, get_attack, steal_step
 from stealer.cache import ResponseCache
-from stealer.ckpt import config_diff, describe_diff, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from stealer.config import ConfigError, choice, save_config, to_dict
+from stealer.config import (Channels, ConfigError, Fraction, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice,
+                            save_config, to_dict)
 from stealer.data import ShardStream, open_shards
+from stealer.engine import RunState
 from stealer.losses import LOSSES, get_loss
 from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
 from stealer.preempt import Preempted, Preemption
@@ -53,10 +54,10 @@ class QueryTarget(Protocol):
 @dataclass
 class DataConfig:
     query: str = "runs/demo/data/animal_mnist/query"  # shard folder of the attacker's query images
-    image_size: int = 32
-    channels: int = 1
-    workers: int = 0  # DataLoader processes per rank (0 = decode in the training process)
-    shuffle_buffer: int = 1000
+    image_size: PositiveInt = 32
+    channels: Channels = 1
+    workers: NonNegInt = 0  # DataLoader processes per rank (0 = decode in the training process)
+    shuffle_buffer: NonNegInt = 1000
     # where images are decoded: cpu (PIL, in the loader workers) | device (JPEGs by nvJPEG on the GPU, in
     # batches; other formats by PIL in the main process; see stealer/device_decode.py)
     decode: str = "cpu"
@@ -73,14 +74,14 @@ class VictimConfig:
     arch: str = ""  # '' = read from the checkpoint
     representation: str = "backbone"  # backbone (pooled features, ICML'22) | projector
     user: str = "attacker"
-    budget: int | None = None  # queries this user may spend (None = unlimited)
+    budget: NonNegInt | None = None  # queries this user may spend (None = unlimited)
     state_dir: str = ""  # where the victim keeps its ledger ('' = <run>/victim_state)
     random_init: bool = False  # the skeptic's control: a random-init victim of the same arch
     # the defender's chain, e.g. [{name: noise, sigma: 0.1}] (see victims/defenses; in-process victim only)
     defenses: list[Any] = field(default_factory=list)
     url: str = ""  # query a victim server (launch/serve.py) over HTTP instead of in-process
     api_key_file: str = ""  # file holding the API key for url
-    max_retries: int = 8  # HTTP retries (exponential backoff with jitter, honouring Retry-After)
+    max_retries: NonNegInt = 8  # HTTP retries (exponential backoff with jitter, honouring Retry-After)
     # the in-process victim's forward: auto (bf16 on GPUs that have it, fp16 on others, fp32 on CPU) | fp32 | bf16 | fp16
     precision: str = "auto"
 
@@ -96,8 +97,8 @@ class VictimConfig:
 
 @dataclass
 class QueryConfig:
-    num_queries: int | None = None  # query only the first N images of the query set (None = all)
-    batch_size: int = 256
+    num_queries: PositiveInt | None = None  # query only the first N images of the query set (None = all)
+    batch_size: PositiveInt = 256
     dtype: str = "float32"  # how responses are cached: float32 | float16
 
     def validate(self) -> None:
@@ -107,7 +108,7 @@ class QueryConfig:
 @dataclass
 class StudentConfig:
     arch: str = "resnet18"  # a victims.backbones name or timm:<model>
-    width: int = 32
+    width: PositiveInt = 32
     stem: str = "small"
 
     def validate(self) -> None:
@@ -121,16 +122,16 @@ class StudentConfig:
 @dataclass
 class TrainConfig:
     loss: str = "infonce"
-    temperature: float = 0.2
+    temperature: PositiveFloat = 0.2
     loss_args: Any = field(default_factory=dict)  # extra keyword arguments of the loss, e.g. {temperature: 100} for softnn
-    epochs: int = 30
-    batch_size: int = 256  # per rank
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 256  # per rank
     optimizer: str = "lars"
-    lr: float = 1.0
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    warmup_epochs: float = 2.0
-    final_lr_fraction: float = 0.0
+    lr: PositiveFloat = 1.0
+    weight_decay: NonNegFloat = 1e-6
+    momentum: Momentum = 0.9
+    warmup_epochs: NonNegFloat = 2.0
+    final_lr_fraction: Fraction = 0.0
     augment: bool = True  # augment the student's view of each query image
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | no | bf16 | fp16
     channels_last: bool = False  # NHWC memory format for the student (faster convs on GPUs)
@@ -139,9 +140,9 @@ class TrainConfig:
     # the fused (single-kernel) step of sgd/adamw: auto (on a GPU) | true | false; lars has no fused form
     fused: Any = "auto"
     drop_last: bool = False
-    ckpt_every: int = 200  # steps
-    keep: int = 2  # checkpoints kept
-    log_every: int = 10
+    ckpt_every: PositiveInt = 200  # steps
+    keep: NonNegInt = 2  # checkpoints kept (0 = all)
+    log_every: PositiveInt = 10
 
     def validate(self) -> None:
         choice("train.loss", self.loss, LOSSES)
@@ -160,7 +161,7 @@ class TrainConfig:
 class StealConfig:
     name: str = "steal"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: NonNegInt = 0
     cpu: bool = False  # force CPU even where a GPU is present
     resume: str = "auto"  # auto | none | a checkpoint path
     resume_force: bool = False  # resume even from a checkpoint written with other settings (they are listed)
@@ -301,7 +302,6 @@ def _check_views(cfg: StealConfig, attack: Any, cache_dir: Path) -> None:
 
 def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     """Train the stolen encoder on the cached responses; returns final metrics."""
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     acc = accelerator
@@ -335,36 +335,24 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     extras = attack.setup(cfg, out_dim)
 
     epoch, start_batch, step = 0, 0, 0
-    found = resolve_resume(cfg.resume, run / "ckpt")
+    state = RunState(acc, run / "ckpt", config=to_dict(cfg), may_change=RESUME_MAY_CHANGE, force=cfg.resume_force,
+                     keep=cfg.train.keep, run_dir=run, steps_per_epoch=steps_per_epoch)
+    state.track(student=student, optimizer=opt, scheduler=sched)
+    found = state.resume(cfg.resume)
     if found is not None:
-        path, state = found
-        changed = config_diff(state.get("config", {}), to_dict(cfg), RESUME_MAY_CHANGE)
-        if changed and not cfg.resume_force:
-            raise ValueError(f"checkpoint {path} was written with other settings ({describe_diff(state.get('config', {}), to_dict(cfg), changed[:6])}); "
-                             f"use a new run name (name=...), resume=none to start over, or --resume-force to resume anyway")
-        if changed and _is_main(acc):
-            print(f"warning: --resume-force: resuming {path} although these settings differ: "
-                  f"{describe_diff(state.get('config', {}), to_dict(cfg), changed)}", flush=True)
-        if state.get("cache_samples", shards.num_samples) != shards.num_samples:
+        path = state.resumed_from
+        if found.get("cache_samples", shards.num_samples) != shards.num_samples:
             raise ValueError(f"the response cache {run / 'cache'} changed since checkpoint {path} "
-                             f"({state['cache_samples']} → {shards.num_samples} samples); use a new run name or resume=none")
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state.get("scaler") and getattr(acc, "scaler", None) is not None:  # fp16: the loss scale goes on
-            acc.scaler.load_state_dict(state["scaler"])
+                             f"({found['cache_samples']} → {shards.num_samples} samples); use a new run name or resume=none")
         if extras:
-            if "attack_state" not in state:
+            if "attack_state" not in found:
                 raise ValueError(f"checkpoint {path} holds no {attack.name} state; use a new run name (name=...) or resume=none")
-            attack.load_state_dict(extras, state["attack_state"])
-            extra_epochs = state.get("extra_epochs", extra_epochs)  # a resume never re-plans the stages
-        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        if state.get("world_size", world) != world and _is_main(acc):
-            print(f"warning: checkpoint {path} was written by {state['world_size']} processes, this run has {world}: "
+            attack.load_state_dict(extras, found["attack_state"])
+            extra_epochs = found.get("extra_epochs", extra_epochs)  # a resume never re-plans the stages
+        epoch, start_batch, step = found["epoch"], found["batch"], found["step"]
+        if found.get("world_size", world) != world and _is_main(acc):
+            print(f"warning: checkpoint {path} was written by {found['world_size']} processes, this run has {world}: "
                   f"epoch {epoch} is re-planned from batch {start_batch}, so it is not an exact continuation", flush=True)
-        rngs = state.get("rng", [])
-        if len(rngs) == world:  # every rank gets its own generators back (same world size)
-            set_rng_state(rngs[rank])
         if _is_main(acc):
             print(f"resumed from {path} at epoch {epoch}, batch {start_batch} (step {step}/{steps_per_epoch * (extra_epochs + cfg.train.epochs)})", flush=True)
     if extras:
@@ -385,26 +373,15 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     attack.prepare(extras, acc)
     ctx = StepContext(cfg, acc, model, raw, opt, sched, loss_fn, rank, extras)
 
-    def checkpoint(ep: int, nb: int) -> None:
-        if ep < epochs and nb >= steps_per_epoch:
-            ep, nb = ep + 1, 0
-        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        if _is_main(acc):
-            extra = {"attack_state": attack.state_dict(extras), "extra_epochs": extra_epochs} if extras else {}
-            save_checkpoint(run / "ckpt", step, {
-                "student": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": ep, "batch": nb, "step": step, "config": to_dict(cfg), "rng": rngs,
-                "cache_samples": shards.num_samples, "world_size": world, **extra,
-                **({"scaler": acc.scaler.state_dict()} if getattr(acc, "scaler", None) is not None else {})},
-                keep=cfg.train.keep)
-        acc.wait_for_everyone()
+    state.track(student=raw)  # saved from the prepared (maybe SyncBN-converted) module
+    state.save_also(lambda: {"cache_samples": shards.num_samples,
+                             **({"attack_state": attack.state_dict(extras), "extra_epochs": extra_epochs} if extras else {})})
 
     metrics_path = run / "metrics.jsonl"
     bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="steal", dynamic_ncols=True)
+    state.on_stop(bar.close)
     t_start, seen, corrupt = time.time(), 0, 0
     last = {"loss": float("nan")}
-    preempt = Preemption(run, acc)
-    preempt.clear_stale_flag()
     model.train()
     while epoch < epochs:
         for batch in stream.iter_epoch(epoch, start_batch):
@@ -424,20 +401,12 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
                 if _is_main(acc):
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
-            if cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0:
-                checkpoint(epoch, batch["index"] + 1)
-            if preempt.should_stop():  # collective: every rank asks at every step
-                if not (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0):
-                    checkpoint(epoch, batch["index"] + 1)
-                bar.close()
-                requeued = preempt.requeue()
-                preempt.close()
-                raise Preempted(f"preempted at step {step}/{total}; checkpoint saved in {run / 'ckpt'}"
-                                + ("; SLURM job requeued" if requeued else "; rerun with --resume auto"))
+            state.step_end(step, periodic=cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0,
+                           where=f"preempted at step {step}/{total}", epoch=epoch, batch=batch["index"] + 1)
         epoch, start_batch = epoch + 1, 0
     bar.close()
-    preempt.close()
-    checkpoint(epoch, 0)
+    state.close()
+    state.save(step, epoch=epoch, batch=0)
     if _is_main(acc):
         save_student(raw, run / "student.pt")
     acc.wait_for_everyone()

@@ -15,14 +15,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
 from stealer.augment import AugmentConfig, augment, batch_generator
 from stealer.ckpt import resolve_resume, save_checkpoint
-from stealer.config import ConfigError, choice, to_dict
+from stealer.config import (Channels, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range, choice,
+                            to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.optim import build_optimizer, build_schedule
 from victims.backbones import STEMS, TIMM_PREFIX
@@ -34,7 +35,7 @@ __all__ = ["ClassifierModelConfig", "ClassifierTrainConfig", "train_classifier",
 @dataclass
 class ClassifierModelConfig:
     arch: str = "resnet18"  # a victims.backbones name or timm:<name>
-    width: int = 32  # ResNets only
+    width: PositiveInt = 32  # ResNets only
     stem: str = "small"  # ResNets only
 
 
@@ -42,28 +43,28 @@ class ClassifierModelConfig:
 class ClassifierTrainConfig:
     name: str = "victim_clf"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: NonNegInt = 0
     cpu: bool = False
     resume: str = "auto"
     train_data: str = "runs/demo/data/animal_mnist/victim_train"
     test_data: str = ""  # optional labelled shards: accuracy recorded in the checkpoint and result.json
-    image_size: int = 32
-    channels: int = 1
-    workers: int = 0
+    image_size: PositiveInt = 32
+    channels: Channels = 1
+    workers: NonNegInt = 0
     mean: float = 0.5  # normalisation of images/255, stored in the checkpoint
-    std: float = 0.25
+    std: PositiveFloat = 0.25
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale_min=0.5, jitter_p=0.0))
-    epochs: int = 10
-    batch_size: int = 128  # per rank
-    lr: float = 0.1  # base lr, scaled by global batch / 256
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.0
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128  # per rank
+    lr: PositiveFloat = 0.1  # base lr, scaled by global batch / 256
+    weight_decay: NonNegFloat = 5e-4
+    momentum: Momentum = 0.9
+    warmup_epochs: NonNegFloat = 0.5
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    ckpt_every: int = 200
-    log_every: int = 10
+    ckpt_every: PositiveInt = 200
+    log_every: PositiveInt = 10
 
     @property
     def run_dir(self) -> Path:
@@ -73,11 +74,6 @@ class ClassifierTrainConfig:
         choice("mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
         if not self.model.arch.startswith(TIMM_PREFIX):
             choice("model.stem", self.model.stem, list(STEMS))
-        for key, value, ok in [("epochs", self.epochs, self.epochs >= 1), ("batch_size", self.batch_size, self.batch_size >= 1),
-                               ("lr", self.lr, self.lr > 0), ("std", self.std, self.std > 0),
-                               ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1)]:
-            if not ok:
-                raise ConfigError(f"{key}={value!r} is out of range; see launch/configs/demo_classifier.yaml")
 
 
 def _classes(shards: Any, where: str) -> list[str]:
