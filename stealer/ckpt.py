@@ -1,21 +1,23 @@
 """Atomic checkpoints with a ``latest`` pointer, pruning, and torn-file-tolerant ``resume auto``.
 
-A checkpoint is one ``torch.save`` dict written to ``ckpt-<step>.pt.tmp`` and renamed into
-place; only then is ``latest`` (a one-line text file, itself replaced atomically) updated. On
+A checkpoint is one ``torch.save`` dict written to a temp file of this process (fsync) and renamed
+into place (:func:`atomic_write`); only then is ``latest`` (a one-line text file, itself replaced atomically) updated. On
 resume every candidate is loaded with ``weights_only=True``; one that fails to load (torn by a
 kill, truncated copy) is skipped with a warning and never used.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "resolve_resume", "atomic_torch_save", "config_diff",
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "save_checkpoint", "load_checkpoint", "find_latest", "resolve_resume", "atomic_torch_save", "config_diff",
            "describe_diff", "CheckpointWriteError", "rng_state", "set_rng_state"]
 
 log = logging.getLogger(__name__)
@@ -26,28 +28,47 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, quota, file-size limit); nothing older was touched."""
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` atomically: ``write(f)`` into a temp file of this process in the same folder
+    (``.<name>.<pid>.<random>.tmp``, so two processes never share one), fsync, then ``os.replace``.
+
+    The one atomic-write helper of the package: a reader sees the old file or the new one, never a
+    torn one, and a failed write leaves no temp file. Errors propagate (the caller words them).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """:func:`atomic_write` of ``obj`` as JSON (a trailing newline)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`; a full disk is a one-line :class:`CheckpointWriteError`."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:  # a full disk or quota (torch wraps some write errors in RuntimeError)
-        tmp.unlink(missing_ok=True)  # give the space back; the previous checkpoint is untouched
         why = os.strerror(e.errno) if getattr(e, "errno", None) else f"the write failed: {str(e).splitlines()[0][:100]}"
         raise CheckpointWriteError(f"could not write checkpoint {path} ({why}); the previous checkpoint in "
                                    f"{path.parent} is still valid; free space and rerun with --resume auto") from e
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2) -> Path:
@@ -55,7 +76,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any
     d = Path(ckpt_dir)
     path = d / f"ckpt-{step:09d}.pt"
     atomic_torch_save({"format": FORMAT, **state}, path)
-    _write_text_atomic(d / "latest", path.name + "\n")
+    atomic_write_text(d / "latest", path.name + "\n")
     if keep > 0:
         for old in sorted(d.glob("ckpt-*.pt"))[:-keep]:
             old.unlink(missing_ok=True)
