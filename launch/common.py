@@ -23,16 +23,19 @@ def queries_spent(api: Any, user: str) -> int:
 
 
 def config_help(cls: type, prefix: str = "") -> list[str]:
-    """``key = default`` lines for every leaf of a config dataclass."""
+    """``key = default`` lines for every leaf of a config dataclass (with its declared range, if any)."""
+    from stealer.config import constraint_text
+
     lines = []
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines += config_help(tp, prefix + f.name + ".")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {prefix}{f.name} = {default!r}")
+            allowed = constraint_text(tp)
+            lines.append(f"  {prefix}{f.name} = {default!r}" + (f"  ({allowed})" if allowed else ""))
     return lines
 
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,6 +34,31 @@ COMMANDS = ("add-user", "usage", "revoke")
 def _fail(message: str, code: int = 2) -> None:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        _fail(f"{message}; see {self.prog} --help")
+        raise SystemExit(2)  # unreachable
+
+
+def _number(kind: type, flag: str, *, lo: float, hi: float | None = None, lo_open: bool = False,
+            meaning: str = "") -> Callable[[str], Any]:
+    """An argparse type: ``kind`` within [lo, hi] (``lo_open``: > lo), else a one-line error naming ``flag``."""
+    rng = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}; "
+                                             f"pass {flag} with a value {rng}{meaning}") from None
+        if not math.isfinite(value) or (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; pass {flag} with a value {rng}{meaning}")
+        return value
+    return parse
 
 
 def _budget(text: str) -> int | None:
@@ -59,7 +86,7 @@ def _defense(text: str) -> dict[str, Any]:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="victim checkpoint (official SimSiam format)")
     p.add_argument("--arch", default="", help="backbone name for checkpoints without one ('' = from the file)")
     p.add_argument("--representation", default="backbone", choices=["backbone", "projector"])
@@ -68,11 +95,13 @@ def serve_parser() -> argparse.ArgumentParser:
                    help='a defense of the chain, in order, e.g. \'{"name": "b4b", "seed": 1234}\' (repeat for several)')
     p.add_argument("--state-dir", default=DEFAULT_STATE, help=f"ledger, keys and defense state (default {DEFAULT_STATE})")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--rate", type=float, default=20.0, help="query requests per second per user (0 = no limit)")
-    p.add_argument("--burst", type=int, default=40, help="requests a user may send at once")
-    p.add_argument("--max-batch", type=int, default=1024, help="images per request")
-    p.add_argument("--max-request-mb", type=float, default=64.0, help="request body limit in MiB")
+    p.add_argument("--port", type=_number(int, "--port", lo=1, hi=65535), default=8000, help="TCP port, 1..65535")
+    p.add_argument("--rate", type=_number(float, "--rate", lo=0, meaning=" (0 = no limit)"), default=20.0,
+                   help="query requests per second per user, >= 0 (0 = no limit)")
+    p.add_argument("--burst", type=_number(int, "--burst", lo=1), default=40, help="requests a user may send at once, >= 1")
+    p.add_argument("--max-batch", type=_number(int, "--max-batch", lo=1), default=1024, help="images per request, >= 1")
+    p.add_argument("--max-request-mb", type=_number(float, "--max-request-mb", lo=0.001), default=64.0,
+                   help="request body limit in MiB, >= 0.001")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="default answer dtype")
     p.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, cuda:1)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -127,7 +156,7 @@ def admin(argv: Sequence[str]) -> None:
     from victims.server import add_user, list_users, revoke_user, state_paths
 
     cmd, rest = argv[0], argv[1:]
-    p = argparse.ArgumentParser(prog=f"serve.py {cmd}")
+    p = _Parser(prog=f"serve.py {cmd}")
     if cmd in ("add-user", "revoke"):
         p.add_argument("name")
     if cmd == "add-user":

@@ -75,8 +75,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from victims.api import VictimAPI
 from victims.defenses.base import UserStateDefense
@@ -317,10 +317,13 @@ class TokenBucket:
     """Per-user token buckets: ``rate`` tokens per second, at most ``burst`` banked.
 
     ``take(user)`` returns 0.0 and spends a token when one is there, else the seconds until
-    one will be (and spends nothing). ``rate <= 0`` disables the limit.
+    one will be (and spends nothing). ``rate == 0`` disables the limit; a negative rate is refused
+    (it once meant "no limit" silently).
     """
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"rate limit {rate} is not valid; pass a number of requests per second >= 0 (0 = no limit)")
         if rate > 0 and burst < 1:
             raise ValueError(f"burst must be >= 1 with a rate limit; got {burst}")
         self.rate, self.burst, self.clock = float(rate), float(burst), clock
