@@ -10,11 +10,17 @@ caller can pass the same config to any loss.
 
 Registered (``LOSSES``): per row or element ``mse``, ``mse_mean``, ``cosine``,
 ``symmetrized``, ``soft_ce``, ``bce``, ``wasserstein``; with in-batch negatives or
-batch statistics (``gather=True`` reaches every rank) ``infonce``, ``supcon``,
-``softnn``, ``barlow``. The ICML'22 stealing code (Dziedzic et al.) accepts
-infonce, mse (its reduction is ``mse_mean`` here), softce, bce, wasserstein,
-softnn, supcon, symmetrized and barlow; each docstring gives the exact reduction
-and where it departs from theirs.
+batch statistics (``gather=True`` reaches every rank) ``infonce``, ``infonce_sym``,
+``supcon``, ``softnn``, ``barlow``. The ICML'22 stealing code (Dziedzic et al.,
+cleverhans-lab/ssl-attacks-defenses @1d3874ff) accepts infonce, mse (its reduction is
+``mse_mean`` here), softce, bce, wasserstein, softnn, supcon, symmetrized and barlow;
+each docstring gives the exact reduction, the reference function, and where it departs
+from theirs (docs/fidelity.md has the table and the tests that pin each one).
+
+Per-loss defaults (:data:`LOSS_DEFAULTS`, :func:`default_temperature`): the temperature
+a loss gets when ``train.temperature`` is left unset — ``softnn`` 100 (the ICML'22
+``--temperaturesn``), ``soft_ce`` 1 (their ``soft_cross_entropy`` has no temperature),
+every other loss 0.2 (this project's default; the ICML'22 ``--temperature`` is 0.07).
 
 Example::
 
@@ -43,6 +49,7 @@ __all__ = [
     "cosine",
     "symmetrized",
     "infonce",
+    "infonce_sym",
     "supcon",
     "softnn",
     "barlow",
@@ -50,6 +57,8 @@ __all__ = [
     "bce",
     "wasserstein",
     "LOSSES",
+    "LOSS_DEFAULTS",
+    "default_temperature",
     "get_loss",
 ]
 
@@ -102,7 +111,8 @@ def mse(
 
     Reference:
         Dziedzic et al., "On the Difficulty of Defending Self-Supervised Learning
-        against Model Extraction", ICML 2022.
+        against Model Extraction", ICML 2022. Not a reference reduction: their ``mse``
+        is :func:`mse_mean` (this value / D).
     """
     _check(student, target)
     return ((student - target.detach()) ** 2).sum(dim=1).mean()
@@ -133,7 +143,9 @@ def mse_mean(
 
     Reference:
         Dziedzic et al., "On the Difficulty of Defending Self-Supervised Learning
-        against Model Extraction", ICML 2022 (``simclr.py``, loss ``mse``).
+        against Model Extraction", ICML 2022, cleverhans-lab/ssl-attacks-defenses @1d3874ff
+        ``simclr.py:SimCLR.steal`` (loss ``mse``: ``nn.MSELoss()``). Pinned by
+        tests/test_fidelity.py.
     """
     _check(student, target)
     return F.mse_loss(student, target.detach(), reduction="mean")
@@ -177,11 +189,59 @@ def infonce(
     gather: bool = False,
     **kwargs: Any,
 ) -> Tensor:
-    """Symmetric InfoNCE between normalised student and victim rows.
+    """The ICML'22 stealing InfoNCE: NT-Xent over the 2N rows ``[student; victim]``.
+
+    With ``z = [s; t]`` the 2N L2-normalised rows, each anchor a's positive is its
+    other-side partner (student i <-> victim i) and its negatives are the 2N - 2 other
+    rows, on both sides (same-side rows included)::
+
+        L_a = -log( exp(z_a·z_pair(a) / T) / sum_{k != a} exp(z_a·z_k / T) )
+
+    and the loss is ``mean_a L_a`` over the 2N anchors (``CrossEntropyLoss`` over the
+    rows ``[positive, negatives]`` with label 0). Equal to :func:`supcon` without labels
+    at scale 1 (``base_temperature=None``). The symmetric B x B cross-side form this
+    project used before is :func:`infonce_sym` (13-14 % apart on the same inputs).
+
+    With ``gather=True`` under torch.distributed the candidates come from every rank
+    (student rows with gradient, victim rows without) and each rank returns the mean
+    over its own 2N anchors; ranks may hold different batch sizes.
+
+    Args:
+        student: student representations [N, D].
+        target: victim representations [N, D] (no gradient).
+        temperature: softmax temperature T.
+        gather: take negatives from every rank.
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Dziedzic et al., ICML 2022, cleverhans-lab/ssl-attacks-defenses @1d3874ff,
+        ``simclr.py:SimCLR.info_nce_loss`` applied to ``torch.cat([features,
+        query_features])`` in ``SimCLR.steal`` (loss ``infonce``; the same function is
+        module-level in ``stealsimsiam.py`` and in stapaw/b4b-active-encoder-defense
+        ``end2end-stealing/steal_model.py:info_nce_loss``); Chen et al., "SimCLR",
+        ICML 2020 (NT-Xent). Pinned by tests/test_fidelity.py.
+    """
+    return _ntxent_pair(student, target, temperature, gather, labels=None, scale=1.0)
+
+
+def infonce_sym(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """Symmetric (CLIP-style) InfoNCE between normalised student and victim rows.
 
     With ``s``, ``t`` the L2-normalised rows, ``logits[i, j] = s_i·t_j / T`` and
     the positive of row i is column i;
-    ``loss = 0.5 · (CE(s → t) + CE(t → s))``, averaged over local rows.
+    ``loss = 0.5 · (CE(s → t) + CE(t → s))``, averaged over local rows. The
+    negatives are only the other side's rows (B x B), unlike the ICML'22 code's
+    :func:`infonce`. This was ``infonce`` before issue 14; the demo figures of the
+    README were measured with it (``launch/configs/demo.yaml`` names it).
 
     With ``gather=True`` under torch.distributed (world size > 1) the negatives
     come from all ranks: targets are gathered without gradient, student rows with
@@ -202,8 +262,8 @@ def infonce(
 
     Reference:
         Oord et al., "Representation Learning with Contrastive Predictive Coding",
-        2018; symmetric form as in Radford et al., "CLIP", ICML 2021. Used for
-        stealing by Dziedzic et al., ICML 2022 and Sha et al., "Cont-Steal", CVPR 2023.
+        2018; symmetric form as in Radford et al., "CLIP", ICML 2021 (the pseudo-code
+        of its Figure 3). Not the form of any stealing reference code.
     """
     _check(student, target)
     s = F.normalize(student, dim=1)  # N x D
@@ -256,7 +316,8 @@ def symmetrized(
 
     Reference:
         Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021
-        (eq. 2); Dziedzic et al., ICML 2022 (``simclr.py``, loss ``symmetrized``).
+        (eq. 2); Dziedzic et al., ICML 2022, cleverhans-lab/ssl-attacks-defenses @1d3874ff
+        ``simclr.py:SimCLR.steal`` (loss ``symmetrized``, ``nn.CosineSimilarity``).
     """
     _check(student, target)
     t = target.detach()
@@ -290,52 +351,11 @@ def _two_view_masks(
     return self_mask, pair_mask
 
 
-def supcon(
-    student: Tensor,
-    target: Tensor,
-    *,
-    temperature: float = 0.1,
-    gather: bool = False,
-    labels: Tensor | None = None,
-    base_temperature: float | None = None,
-    **kwargs: Any,
+def _ntxent_pair(
+    student: Tensor, target: Tensor, temperature: float, gather: bool,
+    labels: Tensor | None, scale: float,
 ) -> Tensor:
-    """Supervised-contrastive loss with student and victim rows as the two views.
-
-    Rows are L2-normalised; the 2N anchors are ``[s; t]`` and the candidates are
-    all 2N rows but the anchor itself (same-view rows are negatives too, unlike
-    :func:`infonce`, whose negatives are only the other view). For anchor a with
-    positive set P(a)::
-
-        L_a = -(T / T_base) · mean_{p in P(a)} [ z_a·z_p / T
-                                                 - log sum_{k != a} exp(z_a·z_k / T) ]
-
-    and the loss is ``mean_a L_a`` over the 2N anchors. Without ``labels``,
-    P(a) is the same index in the other view (the SimCLR / NT-Xent case of
-    SupCon); with ``labels`` [N], every other row with the same label, in either
-    view (how the ICML'22 code calls it, with the query set's class labels).
-    ``base_temperature`` defaults to T (scale 1); the ICML'22 code uses
-    ``T_base = 0.07`` with ``T = 0.07``.
-
-    With ``gather=True`` under torch.distributed the candidates (and labels) come
-    from all ranks as in :func:`infonce`; each rank returns the mean over its
-    own 2N anchors.
-
-    Args:
-        student: student representations [N, D].
-        target: victim representations [N, D] (no gradient).
-        temperature: softmax temperature T.
-        gather: take negatives from every rank.
-        labels: optional class labels [N] shared by both views.
-        base_temperature: T_base; None means T.
-
-    Returns:
-        Scalar tensor.
-
-    Reference:
-        Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (eq. 2,
-        ``L^sup_out``); Dziedzic et al., ICML 2022 (``loss.py:SupConLoss``).
-    """
+    """``scale ·`` SupCon / NT-Xent over the anchors ``[s; t]`` (see :func:`supcon`)."""
     _check(student, target)
     s = F.normalize(student, dim=1)  # N x D
     t = F.normalize(target.detach(), dim=1)  # N x D
@@ -358,15 +378,67 @@ def supcon(
     log_prob = logits - log_norm  # 2N x 2M
     # every anchor has at least its other-view partner as a positive
     mean_pos = torch.where(pos, log_prob, 0.0).sum(dim=1) / pos.sum(dim=1)  # 2N
-    scale = 1.0 if base_temperature is None else temperature / base_temperature
     return -scale * mean_pos.sum() / max(2 * n, 1)
+
+
+def supcon(
+    student: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: bool = False,
+    labels: Tensor | None = None,
+    base_temperature: float | None = 0.07,
+    **kwargs: Any,
+) -> Tensor:
+    """Supervised-contrastive loss with student and victim rows as the two views.
+
+    Rows are L2-normalised; the 2N anchors are ``[s; t]`` and the candidates are
+    all 2N rows but the anchor itself (same-view rows are negatives too, unlike
+    :func:`infonce_sym`, whose negatives are only the other view). For anchor a with
+    positive set P(a)::
+
+        L_a = -(T / T_base) · mean_{p in P(a)} [ z_a·z_p / T
+                                                 - log sum_{k != a} exp(z_a·z_k / T) ]
+
+    and the loss is ``mean_a L_a`` over the 2N anchors. Without ``labels``,
+    P(a) is the same index in the other view (the SimCLR / NT-Xent case of
+    SupCon: :func:`infonce` times ``T / T_base``); with ``labels`` [N], every other
+    row with the same label, in either view (how the ICML'22 code calls it, with the
+    query set's class labels). ``base_temperature`` T_base is 0.07 as in the reference
+    ``SupConLoss`` (which the ICML'22 code builds with ``temperature=args.temperature``
+    and the default ``base_temperature=0.07``); ``None`` means T_base = T (scale 1).
+
+    With ``gather=True`` under torch.distributed the candidates (and labels) come
+    from all ranks as in :func:`infonce`; each rank returns the mean over its
+    own 2N anchors.
+
+    Args:
+        student: student representations [N, D].
+        target: victim representations [N, D] (no gradient).
+        temperature: softmax temperature T.
+        gather: take negatives from every rank.
+        labels: optional class labels [N] shared by both views.
+        base_temperature: T_base (default 0.07, the reference's); None means T.
+
+    Returns:
+        Scalar tensor.
+
+    Reference:
+        Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (eq. 2,
+        ``L^sup_out``); Dziedzic et al., ICML 2022, cleverhans-lab/ssl-attacks-defenses
+        @1d3874ff ``loss.py:SupConLoss.forward`` (contrast_mode ``all``), called from
+        ``simclr.py:SimCLR.steal`` (loss ``supcon``). Pinned by tests/test_fidelity.py.
+    """
+    scale = 1.0 if base_temperature is None else temperature / base_temperature
+    return _ntxent_pair(student, target, temperature, gather, labels, scale)
 
 
 def softnn(
     student: Tensor,
     target: Tensor,
     *,
-    temperature: float = 0.1,
+    temperature: float = 100.0,
     gather: bool = False,
     eps: float = 1e-9,
     **kwargs: Any,
@@ -385,7 +457,9 @@ def softnn(
     under/overflow. ``eps = 1e-9`` as there; it caps ``L_a`` at -log(1e-9) ≈ 20.7
     and the gradient vanishes once the ratio falls well below eps, so set
     ``eps=0`` for the plain log-ratio. Distances are unnormalised: T must suit the
-    representation scale (the ICML'22 default is ``--temperaturesn 100``).
+    representation scale. The default T = 100 is the ICML'22 ``--temperaturesn``
+    default (``steal.py``; their ImageNet scripts pass 1000), and ``train.loss=softnn``
+    gets it when ``train.temperature`` is unset (:data:`LOSS_DEFAULTS`).
 
     With ``gather=True`` under torch.distributed the candidates come from all
     ranks as in :func:`infonce`; each rank returns the mean over its own 2N rows.
@@ -393,7 +467,7 @@ def softnn(
     Args:
         student: student representations [N, D].
         target: victim representations [N, D] (no gradient).
-        temperature: distance temperature T.
+        temperature: distance temperature T (default 100, the reference's).
         gather: take negatives from every rank.
         eps: added to the probability ratio inside the log.
 
@@ -403,7 +477,9 @@ def softnn(
     Reference:
         Frosst, Papernot & Hinton, "Analyzing and Improving Representations with
         the Soft Nearest Neighbor Loss", ICML 2019 (eq. 1); Dziedzic et al.,
-        ICML 2022 (``loss.py:soft_nn_loss`` with ``pairwise_euclid_distance``).
+        ICML 2022, cleverhans-lab/ssl-attacks-defenses @1d3874ff
+        ``loss.py:soft_nn_loss`` with ``pairwise_euclid_distance`` (its stability
+        epsilons cancel in the distance). Pinned by tests/test_fidelity.py.
     """
     _check(student, target)
     out_dtype = torch.promote_types(student.dtype, torch.float32)
@@ -472,8 +548,9 @@ def barlow(
 
     Reference:
         Zbontar et al., "Barlow Twins: Self-Supervised Learning via Redundancy
-        Reduction", ICML 2021 (eq. 1); Dziedzic et al., ICML 2022
-        (``loss.py:barlow_loss``).
+        Reduction", ICML 2021 (eq. 1); Dziedzic et al., ICML 2022,
+        cleverhans-lab/ssl-attacks-defenses @1d3874ff ``loss.py:barlow_loss`` (``lambd=0.0051``
+        reproduces its constant).
     """
     _check(student, target)
     _, s_all, t_all = _gather_pair(student, target.detach(), gather)
@@ -487,7 +564,7 @@ def soft_ce(
     student: Tensor,
     target: Tensor,
     *,
-    temperature: float = 0.1,
+    temperature: float = 1.0,
     gather: bool = False,
     **kwargs: Any,
 ) -> Tensor:
@@ -495,14 +572,19 @@ def soft_ce(
 
     ``mean_i sum_j -softmax(t_i / T)_j · log_softmax(s_i / T)_j``: summed over
     the D features, averaged over the N rows, no T² factor. The ICML'22 code's
-    ``soft_cross_entropy`` has this reduction with T = 1, but its stealing loop
-    passes ``softmax(student)`` as the soft target (not the victim's response);
+    ``soft_cross_entropy(pred, soft_targets)`` has this reduction and no temperature:
+    T = 1, the default here and what ``train.loss=soft_ce`` gets when
+    ``train.temperature`` is unset (:data:`LOSS_DEFAULTS`), reproduces it. Another T
+    divides both sides, as Hinton et al.'s distillation does (without their T²
+    gradient factor). Departure: their stealing loop passes ``softmax(student)`` as
+    the soft target (not the victim's response, so the victim never enters the loss);
     here the target is the victim's, as intended.
 
     Args:
         student: student representations [N, D] (logits).
         target: victim representations [N, D] (no gradient).
-        temperature: softmax temperature T, applied to both sides.
+        temperature: softmax temperature T, applied to both sides (default 1: the
+            reference has none).
         gather: ignored (the loss is per row).
 
     Returns:
@@ -510,8 +592,9 @@ def soft_ce(
 
     Reference:
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network",
-        2015; Dziedzic et al., ICML 2022 (``loss.py:soft_cross_entropy``, loss
-        ``softce``).
+        2015; Dziedzic et al., ICML 2022, cleverhans-lab/ssl-attacks-defenses
+        @1d3874ff ``loss.py:soft_cross_entropy`` (loss ``softce`` in
+        ``simclr.py:SimCLR.steal``). Pinned by tests/test_fidelity.py.
     """
     _check(student, target)
     p = F.softmax(target.detach() / temperature, dim=1)  # N x D
@@ -546,7 +629,8 @@ def bce(
         Scalar tensor.
 
     Reference:
-        Dziedzic et al., ICML 2022 (``simclr.py``, loss ``bce``:
+        Dziedzic et al., ICML 2022, cleverhans-lab/ssl-attacks-defenses @1d3874ff
+        (``simclr.py:SimCLR.steal``, loss ``bce``:
         ``nn.BCEWithLogitsLoss()(features, torch.round(torch.sigmoid(victim)))``).
     """
     _check(student, target)
@@ -586,7 +670,8 @@ def wasserstein(
         Scalar tensor.
 
     Reference:
-        Dziedzic et al., ICML 2022 (``loss.py:torch_wasserstein_loss``, i.e.
+        Dziedzic et al., ICML 2022, cleverhans-lab/ssl-attacks-defenses @1d3874ff
+        (``loss.py:torch_wasserstein_loss``, i.e.
         ``torch_cdf_loss(student, victim, p=1)``).
     """
     _check(student, target)
@@ -602,6 +687,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "cosine": cosine,
     "symmetrized": symmetrized,
     "infonce": infonce,
+    "infonce_sym": infonce_sym,
     "supcon": supcon,
     "softnn": softnn,
     "barlow": barlow,
@@ -609,6 +695,20 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "bce": bce,
     "wasserstein": wasserstein,
 }
+
+
+#: Per-loss keyword defaults where the reference code has its own (see the module docstring).
+LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "softnn": {"temperature": 100.0},  # ICML'22 steal.py --temperaturesn 100
+    "soft_ce": {"temperature": 1.0},  # ICML'22 loss.py:soft_cross_entropy has no temperature
+}
+_DEFAULT_TEMPERATURE = 0.2  # this project's train.temperature for every other loss
+
+
+def default_temperature(name: str) -> float:
+    """The temperature loss ``name`` gets when ``train.temperature`` is unset."""
+    get_loss(name)
+    return float(LOSS_DEFAULTS.get(name, {}).get("temperature", _DEFAULT_TEMPERATURE))
 
 
 def get_loss(name: str) -> Callable[..., Tensor]:

@@ -34,7 +34,7 @@ from stealer.dist import (
     gather_with_grad,
     is_main_process,
 )
-from stealer.losses import infonce
+from stealer.losses import infonce_sym as infonce  # the symmetric form this file pins (the ICML'22 infonce: tests/test_losses.py)
 
 WORLD = 2
 SIZE_CASES = [[3, 5], [4, 4], [0, 3]]

@@ -24,6 +24,7 @@ from stealer.losses import (
     cosine,
     get_loss,
     infonce,
+    infonce_sym,
     mse,
     mse_mean,
     soft_ce,
@@ -50,7 +51,7 @@ def test_cosine_by_hand() -> None:
     assert cosine(s, t).item() == pytest.approx(2.0)
 
 
-def test_infonce_by_hand() -> None:
+def test_infonce_sym_by_hand() -> None:
     s = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalised: e0, e1
     t = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # normalised: (1,1)/sqrt2, e1
     a = 1 / math.sqrt(2)
@@ -58,15 +59,15 @@ def test_infonce_by_hand() -> None:
     ce_st = [math.log(1 + math.exp(-a)), math.log(1 + math.exp(a - 1))]
     ce_ts = [math.log(2.0), math.log(1 + math.exp(-1))]
     expected = 0.5 * (sum(ce_st) / 2 + sum(ce_ts) / 2)
-    assert infonce(s, t, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+    assert infonce_sym(s, t, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
     # temperature divides the logits: T = 0.5 doubles them
     ce_st = [math.log(1 + math.exp(-2 * a)), math.log(1 + math.exp(2 * a - 2))]
     ce_ts = [math.log(2.0), math.log(1 + math.exp(-2))]
     expected = 0.5 * (sum(ce_st) / 2 + sum(ce_ts) / 2)
-    assert infonce(s, t, temperature=0.5).item() == pytest.approx(expected, abs=1e-6)
+    assert infonce_sym(s, t, temperature=0.5).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_infonce_matches_cross_entropy_form() -> None:
+def test_infonce_sym_matches_cross_entropy_form() -> None:
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     sn, tn = torch.nn.functional.normalize(s, dim=1), torch.nn.functional.normalize(t, dim=1)
@@ -76,9 +77,9 @@ def test_infonce_matches_cross_entropy_form() -> None:
         torch.nn.functional.cross_entropy(logits, labels)
         + torch.nn.functional.cross_entropy(logits.T, labels)
     )
-    assert infonce(s, t, temperature=0.2).item() == pytest.approx(ref.item(), abs=1e-6)
+    assert infonce_sym(s, t, temperature=0.2).item() == pytest.approx(ref.item(), abs=1e-6)
     # gather=True is a no-op outside torch.distributed
-    assert torch.equal(infonce(s, t, gather=True), infonce(s, t))
+    assert torch.equal(infonce_sym(s, t, gather=True), infonce_sym(s, t))
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -118,7 +119,7 @@ def test_sgd_decreases_loss(name: str) -> None:
 
 def test_unknown_loss_lists_names() -> None:
     expected = (
-        r"unknown loss 'nope'; choose one of: barlow, bce, cosine, infonce, mse, "
+        r"unknown loss 'nope'; choose one of: barlow, bce, cosine, infonce, infonce_sym, mse, "
         r"mse_mean, soft_ce, softnn, supcon, symmetrized, wasserstein"
     )
     with pytest.raises(ValueError, match=expected):
@@ -133,7 +134,7 @@ def test_shape_mismatch_is_loud() -> None:
 def test_registry_names_the_functions() -> None:
     expected = {
         "mse": mse, "mse_mean": mse_mean, "cosine": cosine, "symmetrized": symmetrized,
-        "infonce": infonce, "supcon": supcon, "softnn": softnn, "barlow": barlow,
+        "infonce": infonce, "infonce_sym": infonce_sym, "supcon": supcon, "softnn": softnn, "barlow": barlow,
         "soft_ce": soft_ce, "bce": bce, "wasserstein": wasserstein,
     }  # fmt: skip
     assert LOSSES == expected
@@ -237,16 +238,18 @@ def test_supcon_by_hand() -> None:
     #   L = -(-1 - log(2 + 1/e)) = 1 + log(2 + 1/e);  t1 = -e1 is the same.
     # mean over 4 anchors = (log(e + 2) + log(2 + 1/e)) / 2
     expected = (math.log(math.e + 2) + math.log(2 + 1 / math.e)) / 2
-    assert supcon(s, t, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+    assert supcon(s, t, temperature=1.0, base_temperature=None).item() == pytest.approx(expected, abs=1e-6)
+    # the default T_base 0.07 (the reference's) scales by T / 0.07
+    assert supcon(s, t, temperature=1.0).item() == pytest.approx(expected / 0.07, rel=1e-6)
     # labels [0, 1] give the same positives; base_temperature scales by T / T_base
     labels = torch.tensor([0, 1])
-    assert supcon(s, t, temperature=1.0, labels=labels).item() == pytest.approx(expected)
+    assert supcon(s, t, temperature=1.0, labels=labels, base_temperature=1.0).item() == pytest.approx(expected)
     scaled = supcon(s, t, temperature=1.0, base_temperature=0.5)
     assert scaled.item() == pytest.approx(2 * expected, abs=1e-6)
     # labels [0, 0]: s0's positives are (s1, t0, t1), dots (0, 1, 0):
     #   L = -(1/3 - log(e + 2)); s1's are (s0, t0, t1), dots (0, 0, -1):
     #   L = -(-1/3 - log(2 + 1/e)); the 1/3 cancel in the mean: same value
-    same = supcon(s, t, temperature=1.0, labels=torch.tensor([0, 0]))
+    same = supcon(s, t, temperature=1.0, labels=torch.tensor([0, 0]), base_temperature=None)
     assert same.item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -256,15 +259,18 @@ def test_supcon_matches_loop_reference(use_labels: bool) -> None:
     s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     labels = torch.tensor([0, 1, 0, 2, 1, 0]) if use_labels else None
     ref = _ref_supcon_rows(s, t, 0.3, labels).mean()
-    got = supcon(s, t, temperature=0.3, labels=labels)
+    got = supcon(s, t, temperature=0.3, labels=labels, base_temperature=None)
     assert got.item() == pytest.approx(ref.item(), abs=1e-5)
 
 
-def test_supcon_differs_from_infonce_by_same_view_negatives() -> None:
+def test_supcon_differs_from_infonce_sym_by_same_view_negatives() -> None:
     g = torch.Generator().manual_seed(5)
     s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     # same positives, but supcon's denominators add the same-view rows: strictly larger
-    assert supcon(s, t, temperature=0.3).item() > infonce(s, t, temperature=0.3).item()
+    sc = supcon(s, t, temperature=0.3, base_temperature=None)
+    assert sc.item() > infonce_sym(s, t, temperature=0.3).item()
+    # ... and without labels at scale 1 it is the ICML'22 infonce (NT-Xent over [s; t])
+    assert sc.item() == pytest.approx(infonce(s, t, temperature=0.3).item(), abs=1e-6)
     with pytest.raises(ValueError, match="labels must have 6"):
         supcon(s, t, labels=torch.zeros(5, dtype=torch.long))
 
@@ -439,10 +445,11 @@ def _gather_cases() -> dict[str, GatherCase]:
     """name -> fn(student, target, labels), gather=True, for losses with batch statistics."""
     return {
         "softnn": lambda s, t, lab: softnn(s, t, temperature=GATHER_TEMP, gather=True),
-        "supcon": lambda s, t, lab: supcon(s, t, temperature=0.4, gather=True),
+        "supcon": lambda s, t, lab: supcon(s, t, temperature=0.4, base_temperature=None, gather=True),
         "supcon_labels": lambda s, t, lab: supcon(
-            s, t, temperature=0.4, labels=lab, gather=True
+            s, t, temperature=0.4, labels=lab, base_temperature=None, gather=True
         ),
+        "infonce": lambda s, t, lab: infonce(s, t, temperature=0.4, gather=True),
         "barlow": lambda s, t, lab: barlow(s, t, lambd=0.1, gather=True),
     }
 
