@@ -1,5 +1,11 @@
 """The response cache: every paid-for victim response, written back as shards keyed by ``__key__``.
 
+Before a batch is bought, its keys are journaled (``journal-r<rank>.jsonl``, fsynced) under an
+idempotency key derived from this cache's ``run_id`` and the image keys; the in-process victim
+keeps each answer with its charge under that key, so a run killed between the charge and the
+cache write reads the answer back on resume instead of buying it again
+(``stealer.steal.run_query_phase``).
+
 Each answered query batch becomes one tar (``resp-r<rank>-<seq>.tar``: the query image's
 original bytes, its ``cls`` when known, and the response as ``.npy``) plus a JSON sidecar of
 its keys. The sidecar is written first and the tar renamed into place last, so a tar that
@@ -9,9 +15,11 @@ cache an ordinary shard folder that the training stream reads like any other.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import secrets
 import tarfile
 import time
 from pathlib import Path
@@ -89,6 +97,63 @@ class ResponseCache:
             tmp = path.with_name(f"cache.json.tmp{self.rank}")
             tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
             os.replace(tmp, path)
+
+    # -- the purchase journal -----------------------------------------------------------------
+    def run_id(self) -> str:
+        """This cache's random id (``run_id``, made once, atomically, by whichever rank comes first):
+        with the image keys it names a purchase (:meth:`batch_key`), so a new cache buys anew."""
+        path = self.root / "run_id"
+        if not path.is_file() or not path.read_text().strip():
+            tmp = self.root / f"run_id.tmp{os.getpid()}"
+            tmp.write_text(secrets.token_hex(16) + "\n")
+            try:
+                os.link(tmp, path)  # fails if another rank made it first: theirs wins
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        return path.read_text().strip()
+
+    def batch_key(self, user: str, keys: Sequence[str]) -> str:
+        """The idempotency key of buying the answers to ``keys`` for ``user`` in this cache."""
+        h = hashlib.sha256(f"{self.run_id()}\n{user}\n".encode())
+        h.update("\n".join(keys).encode())
+        return "q:" + h.hexdigest()[:40]
+
+    def intend(self, batch_key: str, keys: Sequence[str]) -> None:
+        """Journal (appended and fsynced) that the answers to ``keys`` are about to be bought under
+        ``batch_key``: after a crash, :meth:`intents` says which purchases to ask the victim for."""
+        with open(self.root / f"journal-r{self.rank:03d}.jsonl", "a") as f:
+            f.write(json.dumps({"batch": batch_key, "keys": list(keys)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def intents(self) -> list[tuple[str, list[str]]]:
+        """``(batch_key, keys)`` of every journaled purchase (all ranks); a line torn by a crash is skipped."""
+        out = []
+        for path in sorted(self.root.glob("journal-r*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    out.append((str(rec["batch"]), [str(k) for k in rec["keys"]]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        return out
+
+    def rewrite_journal(self, intents: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """Keep only ``intents`` in the journal (one rank, when no other is writing): the
+        purchases not yet cached. An empty list removes the journal."""
+        keep = self.root / "journal-r000.jsonl"
+        if intents:
+            tmp = self.root / f"journal.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps({"batch": b, "keys": list(k)}) + "\n" for b, k in intents)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, keep)
+        for path in self.root.glob("journal-r*.jsonl"):
+            if not intents or path != keep:
+                path.unlink(missing_ok=True)
 
     # -- writing ----------------------------------------------------------------------------
     def write_batch(

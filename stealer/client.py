@@ -290,8 +290,10 @@ class HTTPVictim:
         """This key's ``{"user", "spent", "budget", "remaining"}`` (budget None = unlimited)."""
         return self._get_json("/v1/usage")
 
-    def _idempotency_key(self, body: bytes) -> str:
+    def _idempotency_key(self, body: bytes, key: str | None = None) -> str:
         digest = hashlib.sha256(body).hexdigest()
+        if key is not None:  # the caller names the purchase: the same key and body are the same request
+            return hashlib.sha256(f"{self.nonce}:key:{key}:{digest}:{self.dtype}".encode()).hexdigest()[:48]
         with self._lock:
             k = self._sent.get(digest, 0)
             self._sent[digest] = k + 1
@@ -312,11 +314,15 @@ class HTTPVictim:
             size = min(size, fit)
         return max(size, 1)
 
-    def query(self, images: torch.Tensor | np.ndarray, user: str | None = None) -> torch.Tensor:
+    def query(self, images: torch.Tensor | np.ndarray, user: str | None = None, *, key: str | None = None) -> torch.Tensor:
         """Send uint8 images ``[N, C, H, W]``; returns float32 ``[N, D]`` on the CPU.
 
         ``user`` is only checked: the API key decides who pays (a different name logs a
-        warning once). Batches over the server's limits are split.
+        warning once). Batches over the server's limits are split. ``key`` names the purchase
+        (the query phase derives it from the run and the image keys): each request's
+        Idempotency-Key is then derived from it and the request body instead of a per-process
+        count, so a rerun that sends the same batch under the same key, in any process, is
+        answered from the server's store without a second charge.
 
         Raises:
             ValueError: not uint8 ``[N, C, H, W]`` (nothing sent).
@@ -341,15 +347,15 @@ class HTTPVictim:
                     f"(split into {-(-arr.shape[0] // size)} requests) with {u.get('spent')} of {u.get('budget')} "
                     f"spent ({u['remaining']} left); nothing was sent",
                     user=u.get("user"), budget=u.get("budget"), spent=u.get("spent"), requested=int(arr.shape[0]))
-        parts = [self._query_chunk(arr[i:i + size], user) for i in range(0, arr.shape[0], size)]
+        parts = [self._query_chunk(arr[i:i + size], user, key) for i in range(0, arr.shape[0], size)]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return torch.from_numpy(out)
 
-    def _query_chunk(self, arr: np.ndarray, user: str | None) -> np.ndarray:
+    def _query_chunk(self, arr: np.ndarray, user: str | None, key: str | None = None) -> np.ndarray:
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         body = buf.getvalue()
-        headers = {"Content-Type": "application/x-npy", "Idempotency-Key": self._idempotency_key(body)}
+        headers = {"Content-Type": "application/x-npy", "Idempotency-Key": self._idempotency_key(body, key)}
         resp = self._request("POST", "/v1/query", content=body, headers=headers, params={"dtype": self.dtype})
         self._raise_for(resp, f"a batch of {arr.shape[0]} images")
         server_user = resp.headers.get("x-user")

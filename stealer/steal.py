@@ -15,6 +15,7 @@ exactly those views, once, and records the declared spend next to the ledger's c
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from stealer.attacks import AttackConfig, StepContext, get_attack, steal_step
@@ -223,11 +225,18 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
                          decode_device=accelerator.device if cfg.data.decode == "device" else None)
     done = cache.done_keys()
     wanted = stream.samples_per_epoch
+    user = cfg.victim.user
+    # answers paid for by an earlier run that died before caching them: read back, never re-bought
+    recovered = _recover_paid(cache, victim, user, done, per_image, attack.raw)
+    keyed = _takes_key(victim)
+    forget = getattr(victim, "forget", None)
     t0 = time.time()
-    sent = corrupt = 0
+    sent = corrupt = reused = 0
     # responses are written by a background thread so that the victim's forward is the only cost
     # on this path; at most two batches are in flight, and every one of them reaches disk before
-    # this function returns or raises (a budget error included)
+    # this function returns or raises (a budget error included). A SIGKILL skips that: each batch
+    # is therefore journaled (cache.intend) and bought under an idempotency key with which the
+    # in-process victim keeps its answer, in the charge's own transaction, until it is cached.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
     pending: deque = deque()
     # a preemption warning (SIGUSR2/SIGTERM or the flag file) stops the phase between batches on
@@ -239,23 +248,37 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
             if preempt.should_stop():  # collective: every rank has the same number of batches
                 while pending:
                     pending.popleft().result()
+                total = _sum_over_ranks([sent], accelerator)[0]
                 requeued = preempt.requeue()
-                raise Preempted(f"preempted in the query phase after {sent} queries; every response paid for is "
-                                f"cached in {run / 'cache'}" + ("; SLURM job requeued" if requeued else "; rerun with --resume auto"))
+                raise Preempted(f"preempted in the query phase after {total} queries (all ranks); every response paid "
+                                f"for is cached in {run / 'cache'}" + ("; SLURM job requeued" if requeued else "; rerun with --resume auto"))
             corrupt += batch["corrupt"]
             todo = [i for i, k in enumerate(batch["key"]) if k not in done]
             if not todo:
                 continue
             idx = torch.tensor(todo)
             keys = [batch["key"][i] for i in todo]
-            images = attack.query_images(cfg.attack, batch["image"][idx], keys, cfg.seed)  # V*n views, view-major
-            reps = victim.query(images, cfg.victim.user)  # charged by the victim, per image sent
-            if not attack.raw:  # every view of an image is cached with it: [n, V, D]
-                reps = reps.reshape(per_image, len(todo), -1).transpose(0, 1)
-            sent += images.shape[0]
-            pending.append(writer.submit(cache.write_batch, keys,
-                                         [batch["bytes"][i] for i in todo], batch["label"][idx].tolist(),
-                                         reps.detach().float().cpu().numpy()))
+            resp: list[Any] = [recovered.pop(k, None) for k in keys]
+            buy = [j for j, r in enumerate(resp) if r is None]
+            reused += len(keys) - len(buy)
+            paid_key = None
+            if buy:
+                buy_keys = [keys[j] for j in buy]
+                images = attack.query_images(cfg.attack, batch["image"][idx[buy]], buy_keys, cfg.seed)  # V*n views, view-major
+                if keyed:
+                    paid_key = cache.batch_key(user, buy_keys)
+                    cache.intend(paid_key, buy_keys)  # journaled before anything is paid
+                    reps = victim.query(images, user, key=paid_key)  # charged with its answer kept, once per key
+                else:
+                    reps = victim.query(images, user)  # charged by the victim, per image sent
+                if not attack.raw:  # every view of an image is cached with it: [n, V, D]
+                    reps = reps.reshape(per_image, len(buy), -1).transpose(0, 1)
+                sent += images.shape[0]
+                for j, r in zip(buy, reps.detach().float().cpu().numpy()):
+                    resp[j] = r
+            pending.append(writer.submit(_cache_batch, cache, keys, [batch["bytes"][i] for i in todo],
+                                         batch["label"][idx].tolist(), np.stack(resp),
+                                         forget if paid_key else None, user, paid_key))
             while len(pending) > 2:
                 pending.popleft().result()
     finally:
@@ -263,13 +286,14 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
             pending.popleft().result()
         writer.shutdown()
         preempt.close()
-    stats = torch.tensor([sent, corrupt], dtype=torch.long)
     if accelerator is not None and world > 1:
         accelerator.wait_for_everyone()
-        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
-    out = {"queries_sent": int(stats[0]), "corrupt_skipped": int(stats[1]), "query_set_size": wanted,
-           "seconds": time.time() - t0, "attack": attack.name, "queries_per_image": per_image}
+    stats = _sum_over_ranks([sent, corrupt, reused], accelerator)
+    out = {"queries_sent": stats[0], "corrupt_skipped": stats[1], "query_set_size": wanted,
+           "seconds": time.time() - t0, "attack": attack.name, "queries_per_image": per_image,
+           "answers_recovered": stats[2]}  # paid by a killed run, read back from the victim, not bought again
     if _is_main(accelerator):
+        _settle_journal(cache, victim, user)
         manifest = cache.finalize(source=f"responses of {desc.get('arch', 'victim')} to {cfg.data.query}")
         out["cached"] = manifest["num_samples"]
         out["declared_queries"] = per_image * manifest["num_samples"]  # what the attack says it spent
@@ -279,6 +303,65 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return out
+
+
+def _sum_over_ranks(values: list[int], accelerator: Any) -> list[int]:
+    """Each value summed over all ranks (collective when there are several)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if accelerator is not None and accelerator.num_processes > 1:
+        t = accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()
+    return [int(v) for v in t]
+
+
+def _takes_key(victim: Any) -> bool:
+    """Whether ``victim.query`` takes an idempotency ``key=`` (VictimAPI, HTTPVictim; not every wrapper)."""
+    try:
+        return "key" in inspect.signature(victim.query).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _recover_paid(cache: ResponseCache, victim: Any, user: str, done: set[str], per_image: int,
+                  raw: bool) -> dict[str, np.ndarray]:
+    """``{image key: response}`` of every journaled purchase the victim still keeps an answer for
+    (a run killed after paying, before caching); empty for a victim that keeps none (HTTP: the
+    server answers a repeated key from its own store instead)."""
+    answer = getattr(victim, "answer", None)
+    out: dict[str, np.ndarray] = {}
+    if not callable(answer):
+        return out
+    for paid_key, keys in cache.intents():
+        if all(k in done for k in keys):
+            continue
+        reps = answer(user, paid_key)
+        if reps is None:  # journaled, never paid (killed before the charge committed)
+            continue
+        reps = reps.float().numpy()
+        if not raw:
+            reps = reps.reshape(per_image, len(keys), -1).transpose(1, 0, 2)
+        out.update(zip(keys, reps))
+    if out:
+        log.warning("recovered %d answers paid for by an earlier run but not cached; they are not bought again", len(out))
+    return out
+
+
+def _cache_batch(cache: ResponseCache, keys: list[str], images: list[tuple[str, bytes]], labels: list[int],
+                 responses: np.ndarray, forget: Any, user: str, paid_key: str | None) -> None:
+    """Write one answered batch to the cache, then let the victim drop the answer it kept for it."""
+    cache.write_batch(keys, images, labels, responses)
+    if forget is not None and paid_key is not None:
+        forget(user, [paid_key])
+
+
+def _settle_journal(cache: ResponseCache, victim: Any, user: str) -> None:
+    """After a finished phase: the victim forgets the kept answers now cached, the journal keeps the rest."""
+    done = cache.done_keys()
+    intents = cache.intents()
+    settled = [b for b, keys in intents if all(k in done for k in keys)]
+    forget = getattr(victim, "forget", None)
+    if callable(forget) and settled:
+        forget(user, settled)
+    cache.rewrite_journal([(b, keys) for b, keys in intents if b not in set(settled)])
 
 
 def _ledger_spent(victim: Any, user: str) -> int | None:

@@ -4,7 +4,10 @@
 an HTTP transport (``victims/server.py``) wraps the same object, so both share one
 ledger and one defense chain. Every image sent is charged *before* it is encoded,
 repeats included: there are no free queries, and a query that fails after charging
-stays paid.
+stays paid. A query with an idempotency ``key`` is the exception that makes a crash cost
+nothing: it is refused before the forward if over budget, then charged *with* its answer in one
+ledger transaction, so a caller killed at any moment either paid nothing or can read what it
+paid for back (:meth:`VictimAPI.answer`); asking again under the same key is free.
 
 A defense is any callable ``defense(reps, images, user) -> reps`` (``reps`` float32
 ``[N, D]``, ``images`` the uint8 query on the API's device); they run in order.
@@ -19,15 +22,18 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import io
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from victims.ledger import QueryLedger
+from victims.ledger import BudgetExceeded, QueryLedger
 from victims.simsiam import VictimEncoder
 
-__all__ = ["Defense", "VictimAPI"]
+__all__ = ["Defense", "VictimAPI", "fingerprint"]
 
 #: ``defense(reps [N, D] float32, images [N, C, H, W] uint8, user) -> reps``
 Defense = Callable[[Tensor, Tensor, str], Tensor]
@@ -97,6 +103,9 @@ class VictimAPI:
             "representation": self.encoder.representation,
             "out_dim": self.out_dim,  # what query() returns, after the defenses
             "image_size": self.encoder.image_size,
+            # how images become the encoder's input (resize, crop, mean/std): a user decodes its
+            # images with this geometry (victims/preprocess.py); caches record it
+            "preprocess": self.encoder.preprocessing.record(),
             "in_chans": self.encoder.in_chans,
             "input": "uint8 [N, C, H, W], 0..255",
         }
@@ -115,27 +124,43 @@ class VictimAPI:
             )
         return images
 
-    def query(self, images: Tensor, user: str, *, receipt: str | None = None) -> Tensor:
+    def query(self, images: Tensor, user: str, *, receipt: str | None = None, key: str | None = None) -> Tensor:
         """Charge ``user`` for every image, encode, apply the defenses.
 
         Args:
             images: uint8 ``[N, C, H, W]``.
             user: who pays.
             receipt: recorded with the charge; a query with a receipt already charged is not
-                charged again (:meth:`victims.ledger.QueryLedger.charge`).
+                charged again (:meth:`victims.ledger.QueryLedger.charge`); the answer is computed
+                again (the HTTP server keeps its own store of answers).
+            key: an idempotency key (e.g. derived from the run and the images' keys): the answer is
+                computed, then charged and kept under ``key`` in one ledger transaction
+                (:meth:`victims.ledger.QueryLedger.charge_answer`); asking again with the same key
+                and images returns the kept answer without a charge or a forward, also from
+                another process after a crash (:meth:`answer`). Over-budget batches are refused
+                before the forward. ``key`` and ``receipt`` are exclusive.
 
         Returns:
             float32 ``[N, out_dim]`` on the API's device.
 
         Raises:
-            ValueError: malformed images (nothing is charged).
+            ValueError: malformed images (nothing is charged), or ``key`` already paid for other images.
             victims.ledger.BudgetExceeded: the batch would pass the budget (nothing is
                 charged, nothing is encoded).
         """
         images = self._validate(images)
-        self.ledger.charge(user, int(images.shape[0]), receipt=receipt)
-        if images.shape[0] == 0:
+        n = int(images.shape[0])
+        if key is not None:
+            if receipt is not None:
+                raise ValueError("pass either key= (answer kept) or receipt= (charge only), not both")
+            return self._query_once(images, user, key)
+        self.ledger.charge(user, n, receipt=receipt)
+        if n == 0:
             return torch.empty(0, self.out_dim, device=self.device)
+        return self._answer(images, user)
+
+    def _answer(self, images: Tensor, user: str) -> Tensor:
+        """Encode and defend (no charge): float32 ``[N, out_dim]`` on the API's device."""
         images = images.to(self.device, non_blocking=True)
         dtype = _AUTOCAST.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -144,3 +169,46 @@ class VictimAPI:
         for defense in self.defenses:
             reps = defense(reps, images, user)
         return reps.float()
+
+    def _query_once(self, images: Tensor, user: str, key: str) -> Tensor:
+        n = int(images.shape[0])
+        if n == 0:
+            return torch.empty(0, self.out_dim, device=self.device)
+        fp = fingerprint(images)
+        kept = self.ledger.answer(user, key, n=n, fingerprint=fp)
+        if kept is None:
+            budget, spent = self.ledger.budget(user), self.ledger.spent(user)
+            if budget is not None and spent + n > budget:  # refused before the forward, as a plain charge is
+                raise BudgetExceeded(user, budget, spent, n)
+            body = _npy(self._answer(images, user).detach().cpu().numpy())
+            # charge and answer in one transaction; another asker of the same key may have won the race
+            kept = self.ledger.charge_answer(user, n, key, fp, body)
+        return torch.from_numpy(_from_npy(kept)).to(self.device)
+
+    def answer(self, user: str, key: str) -> Tensor | None:
+        """The answer paid for under ``key`` (float32 ``[N, out_dim]`` on the CPU), or None if
+        nothing was paid under it (or it was forgotten)."""
+        kept = self.ledger.answer(user, key)
+        return None if kept is None else torch.from_numpy(_from_npy(kept))
+
+    def forget(self, user: str, keys: Sequence[str]) -> int:
+        """Drop the answers kept under ``keys`` (the caller keeps them now); what was charged stays
+        charged, and a later query under one of these keys is a new purchase. Returns how many."""
+        return self.ledger.drop_receipts([(user, k) for k in keys])
+
+
+def fingerprint(images: Tensor) -> str:
+    """sha256 of a uint8 query's shape and bytes: what an idempotency key was paid for."""
+    h = hashlib.sha256(repr(tuple(images.shape)).encode())
+    h.update(images.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _from_npy(body: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(body), allow_pickle=False)

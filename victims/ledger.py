@@ -1,12 +1,15 @@
 """Per-user query budgets, persisted in SQLite: every image sent is paid for exactly once.
 
 Table ``users(user TEXT PRIMARY KEY, budget INTEGER NULL, spent INTEGER NOT NULL)``
-(``budget`` NULL = unlimited), and ``receipts(user, receipt, images, created)``: a charge may
-carry a receipt, written in the charge's own transaction, and a charge whose receipt is
-already there is not charged again. Each call opens its own connection (WAL journal, 30 s busy
-timeout) and :meth:`QueryLedger.charge` is one ``BEGIN IMMEDIATE`` transaction, so
-several threads or processes on one machine may share a file and the budget is never
-exceeded. The object holds only the path: it pickles, and works after ``fork``/``spawn``.
+(``budget`` NULL = unlimited), and ``receipts(user, receipt, images, created, fingerprint, answer)``:
+a charge may carry a receipt, written in the charge's own transaction, and a charge whose receipt
+is already there is not charged again. :meth:`QueryLedger.charge_answer` also keeps the answer
+(bytes) and a fingerprint of the question in that row, so the charge and the answer are committed
+together: a caller killed after the commit gets the answer back with :meth:`QueryLedger.answer`,
+never pays for it twice, and :meth:`QueryLedger.drop_receipts` forgets it once it is kept elsewhere.
+Each call opens its own connection (WAL journal, 30 s busy timeout) and every charge is one
+``BEGIN IMMEDIATE`` transaction, so several threads or processes on one machine may share a file
+and the budget is never exceeded. The object holds only the path: it pickles, and works after ``fork``/``spawn``.
 (SQLite's locking is not reliable on network file systems: keep the file on local disk.)
 
 Example::
@@ -41,8 +44,12 @@ _RECEIPTS = """CREATE TABLE IF NOT EXISTS receipts (
     receipt TEXT NOT NULL,
     images INTEGER NOT NULL,
     created REAL NOT NULL,
+    fingerprint TEXT NULL,
+    answer BLOB NULL,
     PRIMARY KEY (user, receipt)
 )"""
+# columns added to the receipts table after its first release (older ledgers are migrated on open)
+_RECEIPT_COLUMNS = {"fingerprint": "TEXT NULL", "answer": "BLOB NULL"}
 
 
 class BudgetExceeded(RuntimeError):
@@ -60,6 +67,17 @@ def _check_user(user: str) -> str:
     if not isinstance(user, str) or not user:
         raise ValueError(f"user must be a non-empty string; got {user!r}")
     return user
+
+
+def _check_stored(user: str, receipt: str, n: int, fingerprint: str, got: tuple[Any, ...]) -> None:
+    """A stored receipt ``(images, fingerprint, answer)`` must be an answered purchase of the same question."""
+    images, stored_fp, answer = got
+    if answer is None:
+        raise ValueError(f"receipt {receipt!r} of user {user!r} was charged without keeping its answer; "
+                         f"use a new key for a new request")
+    if images != n or stored_fp != fingerprint:
+        raise ValueError(f"key {receipt!r} of user {user!r} was paid for another question ({images} images, "
+                         f"fingerprint {str(stored_fp)[:12]}); use a new key for a new request")
 
 
 class QueryLedger:
@@ -85,6 +103,16 @@ class QueryLedger:
                     con.execute("PRAGMA journal_mode=WAL")
                     con.execute(_SCHEMA)
                     con.execute(_RECEIPTS)
+                    con.execute("BEGIN IMMEDIATE")  # one process migrates; the others then see its columns
+                    try:
+                        have = {row[1] for row in con.execute("PRAGMA table_info(receipts)")}
+                        for col, decl in _RECEIPT_COLUMNS.items():
+                            if col not in have:
+                                con.execute(f"ALTER TABLE receipts ADD COLUMN {col} {decl}")
+                        con.execute("COMMIT")
+                    except BaseException:
+                        con.execute("ROLLBACK")
+                        raise
                 break
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e) or attempt == 199:
@@ -180,6 +208,72 @@ class QueryLedger:
                 con.execute("ROLLBACK")
                 raise
         return spent + n
+
+    def charge_answer(self, user: str, n: int, receipt: str, fingerprint: str, answer: bytes) -> bytes:
+        """Charge ``n`` images to ``user`` and keep ``answer`` under ``receipt``, in one transaction.
+
+        The idempotent purchase of the in-process victim (:meth:`victims.api.VictimAPI.query` with
+        ``key=``): the answer is computed first, then this commits the charge and the answer
+        together, so there is no moment at which a charge is on disk without its answer. When
+        ``receipt`` already holds an answer (another process asked with the same key first), that
+        answer is returned and nothing is charged.
+
+        Args:
+            fingerprint: identifies the question (e.g. a hash of the images); a receipt asked
+                again with another fingerprint is refused.
+            answer: the bytes to return to every later asker of ``receipt``.
+
+        Returns:
+            the answer kept under ``receipt`` (``answer`` itself unless it was already there).
+
+        Raises:
+            BudgetExceeded: ``spent + n`` would pass the budget; nothing is charged or kept.
+            ValueError: ``receipt`` was recorded for another question or number of images, or was
+                charged without an answer (by :meth:`charge`).
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"charge count must be an int >= 0; got {n!r}")
+        _check_user(user)
+        if not isinstance(receipt, str) or not receipt:
+            raise ValueError(f"receipt must be a non-empty string; got {receipt!r}")
+        with closing(self._connect()) as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                got = con.execute("SELECT images, fingerprint, answer FROM receipts WHERE user = ? AND receipt = ?",
+                                  (user, receipt)).fetchone()
+                if got is not None:
+                    _check_stored(user, receipt, n, fingerprint, got)
+                    con.execute("ROLLBACK")
+                    return bytes(got[2])
+                row = con.execute("SELECT budget, spent FROM users WHERE user = ?", (user,)).fetchone()
+                budget, spent = (self.default_budget, 0) if row is None else row
+                if budget is not None and spent + n > budget:
+                    raise BudgetExceeded(user, budget, spent, n)
+                con.execute(
+                    "INSERT INTO users (user, budget, spent) VALUES (?, ?, ?) "
+                    "ON CONFLICT(user) DO UPDATE SET spent = excluded.spent",
+                    (user, budget, spent + n),
+                )
+                con.execute("INSERT INTO receipts (user, receipt, images, created, fingerprint, answer) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", (user, receipt, n, time.time(), fingerprint, answer))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return answer
+
+    def answer(self, user: str, receipt: str, *, n: int | None = None, fingerprint: str | None = None) -> bytes | None:
+        """The answer kept by :meth:`charge_answer` under ``receipt`` (None: never paid, or forgotten).
+
+        ``n`` and ``fingerprint``, when given, must match what was paid (else ValueError).
+        """
+        with closing(self._connect()) as con:
+            got = con.execute("SELECT images, fingerprint, answer FROM receipts WHERE user = ? AND receipt = ?",
+                              (_check_user(user), receipt)).fetchone()
+        if got is None:
+            return None
+        _check_stored(user, receipt, got[0] if n is None else n, got[1] if fingerprint is None else fingerprint, got)
+        return bytes(got[2])
 
     def has_receipt(self, user: str, receipt: str) -> bool:
         """Whether a charge of ``user`` carried ``receipt``."""
