@@ -55,7 +55,9 @@ def load_student(path: str | os.PathLike) -> StolenEncoder:
     """Rebuild a StolenEncoder saved by ``save_student`` (``weights_only=True``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stolen encoder {path} not found; run launch/steal.py first")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from victims.safe_load import load_untrusted
+
+    obj = load_untrusted(path, "stolen encoder")  # a refused pickle: one line naming the object and the fix
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path} is not a stolen-encoder file ({FORMAT}); pass the student.pt a steal run wrote")
     m = obj["meta"]

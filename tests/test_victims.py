@@ -25,6 +25,9 @@ from victims.simsiam import (
 )
 
 TINY = {"width": 8, "stem": "small"}  # resnet18 at width 8: ~0.2M parameters
+# files without the project's record default to ImageNet preprocessing (tests/test_preprocess.py);
+# these 16-px tests serve them as they come, normalised as _normalise does
+AS_IS = {"preprocess": "none", "mean": 0.5, "std": 0.25}
 
 
 def _images(n: int = 4, size: int = 16, c: int = 3, seed: int = 0) -> torch.Tensor:
@@ -147,7 +150,7 @@ def test_official_checkpoint_loads(tmp_path: os.PathLike[str], representation: s
     model = _trained_simsiam()
     path = tmp_path / "checkpoint_0001.pth.tar"
     _official_save(model, path)
-    victim = load_victim_encoder(path, representation=representation, **TINY)
+    victim = load_victim_encoder(path, representation=representation, **AS_IS, **TINY)
     images = _images(5)
     ref = copy.deepcopy(model.encoder).eval()
     if representation == "backbone":
@@ -200,7 +203,7 @@ def test_prefix_variants_load(tmp_path: os.PathLike[str]) -> None:
     model = _trained_simsiam()
     images = _images(2)
     _official_save(model, tmp_path / "a.pt")
-    expected = load_victim_encoder(tmp_path / "a.pt", **TINY)(images)
+    expected = load_victim_encoder(tmp_path / "a.pt", **AS_IS, **TINY)(images)
     # without DDP's module. prefix: keys encoder.* / predictor.*
     torch.save({"arch": "resnet18", "state_dict": model.state_dict()}, tmp_path / "b.pt")
     torch.save(model.state_dict(), tmp_path / "c.pt")  # bare SimSiam state dict
@@ -208,7 +211,7 @@ def test_prefix_variants_load(tmp_path: os.PathLike[str]) -> None:
     bare.fc = nn.Identity()
     torch.save(bare.state_dict(), tmp_path / "d.pt")  # bare backbone (torchvision layout)
     for name in ("b.pt", "c.pt", "d.pt"):
-        victim = load_victim_encoder(tmp_path / name, arch="resnet18", **TINY)
+        victim = load_victim_encoder(tmp_path / name, arch="resnet18", **AS_IS, **TINY)
         torch.testing.assert_close(victim(images), expected)
     with pytest.raises(ValueError, match="does not record its arch"):
         load_victim_encoder(tmp_path / "d.pt", **TINY)

@@ -24,13 +24,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-__all__ = ["STEMS", "TIMM_PREFIX", "ResNet", "BACKBONES", "build_backbone"]
+__all__ = ["STEMS", "TIMM_PREFIX", "ResNet", "BACKBONES", "build_backbone", "infer_resnet_arch"]
 
 #: Stem name → (conv kernel, conv stride, uses maxpool). Overall downsampling to layer4:
 #: imagenet 32x, small 16x, cifar 8x.
@@ -202,3 +202,32 @@ def build_backbone(
         )
     model = BACKBONES[name](width=width, stem=stem, in_chans=in_chans)
     return model, model.num_features
+
+
+#: (block kind, blocks per stage) → torchvision's name, including depths not built here
+_RESNET_DEPTHS = {
+    ("basic", (2, 2, 2, 2)): "resnet18",
+    ("basic", (3, 4, 6, 3)): "resnet34",
+    ("bottleneck", (3, 4, 6, 3)): "resnet50",
+    ("bottleneck", (3, 4, 23, 3)): "resnet101",
+    ("bottleneck", (3, 8, 36, 3)): "resnet152",
+}
+
+
+def infer_resnet_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """What ResNet a torchvision-layout state dict holds: ``(name, "Bottleneck blocks 3-4-6-3,
+    width 64")``, or None when it is not a ResNet's (e.g. a timm model). The name is
+    torchvision's (``resnet101`` too) or ``resnet(<kind> <blocks>)`` for other depths."""
+    if "conv1.weight" not in state or not any(k.startswith("layer4.") for k in state):
+        return None
+    blocks = []
+    for i in range(1, 5):
+        idx = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()}
+        blocks.append(max(idx) + 1 if idx else 0)
+    kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
+    depth = tuple(blocks)
+    width = int(state["conv1.weight"].shape[0])
+    name = _RESNET_DEPTHS.get((kind, depth), f"resnet({kind} {'-'.join(map(str, depth))})")  # type: ignore[arg-type]
+    kernel = int(state["conv1.weight"].shape[-1])
+    stem = "imagenet stem" if kernel == 7 else f"{kernel}x{kernel} stem"
+    return name, f"{'Bottleneck' if kind == 'bottleneck' else 'BasicBlock'} blocks {'-'.join(map(str, depth))}, width {width}, {stem}"

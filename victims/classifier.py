@@ -190,11 +190,9 @@ def read_classifier_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no classifier checkpoint at {path}; {_TRAIN_HINT}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
-        msg = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {msg})") from None
+    from victims.safe_load import load_untrusted
+
+    ckpt = load_untrusted(path, "classifier checkpoint")  # one line naming a refused pickled object and the fix
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = "a SimSiam checkpoint" if isinstance(ckpt, dict) and "state_dict" in ckpt else "not a classifier checkpoint"
         raise ValueError(f"{path} is {what} (no format {FORMAT!r}); {_TRAIN_HINT}")

@@ -413,13 +413,9 @@ def load_victim_encoder(
             f"load_victim_encoder got unknown arguments {unknown}; "
             f"backbone kwargs are {list(_BACKBONE_KEYS)}"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
-        msg = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(
-            f"{path} is not a readable torch checkpoint ({type(e).__name__}: {msg})"
-        ) from None
+    from victims.safe_load import load_untrusted
+
+    ckpt = load_untrusted(path, "victim checkpoint")  # one line naming a refused pickled object and the fix
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         sd, meta = ckpt["state_dict"], ckpt.get("sslsteal") or {}
         arch = arch or ckpt.get("arch")

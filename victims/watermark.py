@@ -110,7 +110,9 @@ def load_watermark(path: str | os.PathLike[str]) -> tuple[RotationHead, dict[str
     if not path.is_file():
         raise FileNotFoundError(f"no watermark head at {path}; train the victim with watermark.enabled=true "
                                 f"(launch/train_victim.py)")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from victims.safe_load import load_untrusted
+
+    obj = load_untrusted(path, "watermark head")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path} is not a watermark head ({FORMAT}); pass the watermark.pt a victim training wrote")
     head = RotationHead(int(obj["dim"]), int(obj["hidden"]))
