@@ -22,12 +22,11 @@ from typing import Any
 import torch
 
 from stealer.augment import AugmentConfig, augment, batch_generator, normalize
-from stealer.ckpt import resolve_resume, save_checkpoint
 from stealer.config import (Channels, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice,
                             to_dict)
 from stealer.data import ShardStream, open_shards
+from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
-from stealer.preempt import Preempted, Preemption
 from victims.simsiam import SimSiam, save_simsiam_checkpoint, simsiam_loss
 from victims.watermark import RotationHead, rotation_batch, save_watermark, watermark_path
 
@@ -60,6 +59,7 @@ class VictimTrainConfig:
     seed: NonNegInt = 0
     cpu: bool = False
     resume: str = "auto"
+    resume_force: bool = False  # resume even from a checkpoint written with other settings (they are listed)
     train_data: str = "runs/demo/data/animal_mnist/victim_train"
     image_size: PositiveInt = 32
     channels: Channels = 1
@@ -91,6 +91,11 @@ class VictimTrainConfig:
             choice("model.stem", self.model.stem, list(STEMS))
 
 
+# what may differ between a checkpoint's run and the run resuming it (bookkeeping and speed)
+RESUME_MAY_CHANGE = {"resume", "resume_force", "cpu", "out_dir", "epochs", "workers", "mixed_precision", "ckpt_every",
+                     "log_every"}
+
+
 def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:
     """SimSiam pre-training; returns the path of ``checkpoint.pth.tar`` (official format)."""
     from tqdm.auto import tqdm
@@ -119,27 +124,20 @@ def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:
     mean, std = [0.5] * cfg.channels, [0.25] * cfg.channels
     wm = _Watermark(cfg, model.feature_dim, lr, total, len(stream), acc) if cfg.watermark.enabled else None
     epoch, start_batch, step = 0, 0, 0
-    found = resolve_resume(cfg.resume, run / "ckpt")
+    state = RunState(acc, run / "ckpt", config=to_dict(cfg), may_change=RESUME_MAY_CHANGE, force=cfg.resume_force,
+                     run_dir=run, steps_per_epoch=len(stream))
+    state.track(model=model, optimizer=opt, scheduler=sched, **(wm.tracked() if wm is not None else {}))
+    found = state.resume(cfg.resume)
     if found is not None:
-        _, state = found
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        if wm is not None:
-            wm.load_state_dict(state)
+        epoch, start_batch, step = found["epoch"], found["batch"], found["step"]
+        if acc.is_main_process:
+            print(f"resumed from {state.resumed_from} at epoch {epoch}, batch {start_batch} (step {step}/{total})", flush=True)
     ddp, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(ddp)
     if wm is not None:
         wm.attach(raw, acc)
-    def save(ep: int, nb: int) -> None:
-        save_checkpoint(run / "ckpt", step, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                                             "scheduler": sched.state_dict(), "epoch": ep, "batch": nb, "step": step,
-                                             "config": to_dict(cfg), **(wm.state_dict() if wm is not None else {})})
-
-    preempt = Preemption(run, acc)
-    preempt.clear_stale_flag()
     bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="victim", dynamic_ncols=True)
+    state.on_stop(bar.close)
     t0 = time.time()
     while epoch < cfg.epochs:
         for batch in stream.iter_epoch(epoch, start_batch):
@@ -167,21 +165,12 @@ def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:
                 if acc.is_main_process:
                     with open(run / "metrics.jsonl", "a") as f:
                         f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(), "seconds": time.time() - t0}) + "\n")
-            saved = bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
-            if saved and acc.is_main_process:
-                save(epoch, batch["index"] + 1)
-            if preempt.should_stop():  # collective: SIGUSR2/SIGTERM or the flag file on any rank
-                if not saved and acc.is_main_process:
-                    save(epoch, batch["index"] + 1)
-                acc.wait_for_everyone()
-                bar.close()
-                requeued = preempt.requeue()
-                preempt.close()
-                raise Preempted(f"victim training preempted at step {step}/{total}; checkpoint saved in {run / 'ckpt'}"
-                                + ("; SLURM job requeued" if requeued else "; rerun with --resume auto"))
+            state.step_end(step, periodic=bool(cfg.ckpt_every and step % cfg.ckpt_every == 0),
+                           where=f"victim training preempted at step {step}/{total}", epoch=epoch, batch=batch["index"] + 1)
         epoch, start_batch = epoch + 1, 0
     bar.close()
-    preempt.close()
+    state.close()
+    state.save(step, epoch=epoch, batch=0)  # a rerun of a finished training trains nothing
     path = run / "checkpoint.pth.tar"
     if acc.is_main_process:
         extra = {"arch": m.arch, "width": m.width, "stem": m.stem, "in_chans": cfg.channels,
@@ -261,16 +250,9 @@ class _Watermark:
         self.feats.clear()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"watermark_head": self.acc.unwrap_model(self.ddp_head).state_dict(),
-                "watermark_optimizer": self.opt.state_dict(), "watermark_scheduler": self.sched.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "watermark_head" not in state:
-            raise ValueError("the checkpoint to resume was written without the watermark task; use resume=none or a new name")
-        self.head.load_state_dict(state["watermark_head"])
-        self.opt.load_state_dict(state["watermark_optimizer"])
-        self.sched.load_state_dict(state["watermark_scheduler"])
+    def tracked(self) -> dict[str, Any]:
+        """What a checkpoint holds of the task (the head, its optimizer and schedule), for :class:`RunState`."""
+        return {"watermark_head": self.head, "watermark_optimizer": self.opt, "watermark_scheduler": self.sched}
 
     def save(self, checkpoint: Path) -> None:
         head = self.acc.unwrap_model(self.ddp_head)

@@ -148,7 +148,7 @@ def test_victim_pretraining_preempted_and_resumed_is_bitwise_equal(setup):
     root, _ = setup
     base = [sys.executable, str(REPO / "launch" / "train_victim.py"), f"out_dir={root}", "cpu=true",
             f"train_data={root}/data/animal_mnist/victim_train", "image_size=16", "model.width=8", "model.dim=32",
-            "model.pred_dim=16", "epochs=3", "batch_size=8", "ckpt_every=0", "log_every=1"]
+            "model.pred_dim=16", "epochs=3", "batch_size=8", "ckpt_every=1000", "log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     ref = subprocess.run(base + ["name=v_ref"], capture_output=True, text=True, timeout=600, env=env)
     assert ref.returncode == 0, ref.stderr[-2000:]
