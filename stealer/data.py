@@ -149,11 +149,15 @@ def decode_image(data: bytes, channels: int, size: int | None) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+_WARNED_SHARDS: set[str] = set()  # damaged shards already named on this process's stderr
+
+
 def _iter_shard(url: str, expected: int) -> Iterator[dict | None]:
-    """Raw samples (dicts of bytes) of one shard; a truncated tail yields ``None`` placeholders."""
+    """Raw samples (dicts of bytes) of one shard; a truncated tail yields ``None`` placeholders, and
+    a shard that ends early (truncated copy, damaged tar) is named in one warning line per process."""
     from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-    n = 0
+    n, why = 0, ""
     try:
         for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}]))):
             if n >= expected:
@@ -161,7 +165,13 @@ def _iter_shard(url: str, expected: int) -> Iterator[dict | None]:
             n += 1
             yield sample
     except Exception as e:  # noqa: BLE001 - any tar/IO failure: count the rest as corrupt
-        log.warning("shard %s unreadable after %d of %d samples (%s); the rest are counted as corrupt", url, n, expected, e)
+        first = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # webdataset appends " @ <file>"
+        why = f" ({' '.join(first.split(' @ ')[0].split())[:160]})"
+    if n < expected and url not in _WARNED_SHARDS:  # tarfile ends a truncated stream silently: count, don't trust
+        _WARNED_SHARDS.add(url)
+        log.warning("shard %s is damaged or truncated: %d of the %d samples its manifest records were read%s; the "
+                    "other %d are skipped and counted as corrupt; re-create it (launch/make_shards.py)",
+                    url, n, expected, why, expected - n)
     for _ in range(expected - n):
         yield None
 
