@@ -2,7 +2,7 @@
 
 Lives in the engine next to :mod:`stealer.pretrain` and reuses the stream (exact-once per
 epoch, split by rank and worker), the augmentations, SGD + warmup/cosine schedule and the
-atomic checkpoints with ``resume auto``. Data-parallel under accelerate: the model and
+atomic checkpoints, ``resume auto`` and preemption of :class:`stealer.engine.RunState`. Data-parallel under accelerate: the model and
 optimizer are prepared, the stream is not (batches are moved to the device by hand). The
 result is a self-describing :func:`victims.classifier.save_classifier` file,
 ``<out_dir>/<name>/classifier.pt``, with the test accuracy recorded when ``test_data`` is set.
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from stealer.augment import AugmentConfig, augment, batch_generator
-from stealer.ckpt import resolve_resume, save_checkpoint
 from stealer.config import (Channels, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range, choice,
                             to_dict)
 from stealer.data import ShardStream, open_shards
+from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
 from victims.backbones import STEMS, TIMM_PREFIX
 from victims.classifier import build_classifier, save_classifier
@@ -46,6 +46,7 @@ class ClassifierTrainConfig:
     seed: NonNegInt = 0
     cpu: bool = False
     resume: str = "auto"
+    resume_force: bool = False  # resume even from a checkpoint written with other settings (they are listed)
     train_data: str = "runs/demo/data/animal_mnist/victim_train"
     test_data: str = ""  # optional labelled shards: accuracy recorded in the checkpoint and result.json
     image_size: PositiveInt = 32
@@ -102,6 +103,11 @@ def evaluate_classifier(model: torch.nn.Module, data: str, *, channels: int, ima
     return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1), "samples": total}
 
 
+# what may differ between a checkpoint's run and the run resuming it (bookkeeping, speed, evaluation)
+RESUME_MAY_CHANGE = {"resume", "resume_force", "cpu", "out_dir", "epochs", "workers", "mixed_precision", "ckpt_every",
+                     "log_every", "test_data"}
+
+
 def train_classifier(cfg: ClassifierTrainConfig, accelerator: Any) -> Path:
     """Supervised training; returns the path of ``classifier.pt`` (written by rank 0)."""
     from tqdm.auto import tqdm
@@ -124,16 +130,18 @@ def train_classifier(cfg: ClassifierTrainConfig, accelerator: Any) -> Path:
     total = len(stream) * cfg.epochs
     sched = build_schedule(opt, total, int(cfg.warmup_epochs * len(stream)))
     epoch, start_batch, step = 0, 0, 0
-    found = resolve_resume(cfg.resume, run / "ckpt")
+    state = RunState(acc, run / "ckpt", config=to_dict(cfg), may_change=RESUME_MAY_CHANGE, force=cfg.resume_force,
+                     run_dir=run, steps_per_epoch=len(stream))
+    state.track(model=model, optimizer=opt, scheduler=sched)
+    found = state.resume(cfg.resume)
     if found is not None:
-        _, state = found
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        epoch, start_batch, step = found["epoch"], found["batch"], found["step"]
+        if acc.is_main_process:
+            print(f"resumed from {state.resumed_from} at epoch {epoch}, batch {start_batch} (step {step}/{total})", flush=True)
     ddp, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(ddp)
     bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="classifier", dynamic_ncols=True)
+    state.on_stop(bar.close)
     t0 = time.time()
     while epoch < cfg.epochs:
         ddp.train()
@@ -156,12 +164,13 @@ def train_classifier(cfg: ClassifierTrainConfig, accelerator: Any) -> Path:
                     with open(run / "metrics.jsonl", "a") as f:
                         f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
                                             "seconds": time.time() - t0}) + "\n")
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and acc.is_main_process:
-                save_checkpoint(run / "ckpt", step, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                                                     "scheduler": sched.state_dict(), "epoch": epoch,
-                                                     "batch": batch["index"] + 1, "step": step, "config": to_dict(cfg)})
+            state.step_end(step, periodic=bool(cfg.ckpt_every and step % cfg.ckpt_every == 0),
+                           where=f"classifier training preempted at step {step}/{total}", epoch=epoch,
+                           batch=batch["index"] + 1)
         epoch, start_batch = epoch + 1, 0
     bar.close()
+    state.close()
+    state.save(step, epoch=epoch, batch=0)  # a rerun of a finished training trains nothing
     path = run / "classifier.pt"
     if acc.is_main_process:
         raw.eval()

@@ -185,7 +185,7 @@ def test_train_victim_cli_errors(capsys, data, tmp_path):
 
 def test_two_process_training(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "launch" / "train_victim.py"), *_args(data, tmp_path, "epochs=1", "ckpt_every=0")]
+           str(REPO / "launch" / "train_victim.py"), *_args(data, tmp_path, "epochs=1", "ckpt_every=1000")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
