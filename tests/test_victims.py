@@ -377,6 +377,8 @@ def test_api_counts_every_image(api: VictimAPI) -> None:
     assert api.describe() == {
         "arch": "resnet18", "representation": "backbone", "out_dim": 64,
         "image_size": 16, "in_chans": 3, "input": "uint8 [N, C, H, W], 0..255",
+        "preprocess": {"preset": "project", "resize": None, "crop": None, "image_size": 16,
+                       "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3, "overrides": []},
     }
 
 
