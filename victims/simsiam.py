@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from victims.backbones import BACKBONES, TIMM_PREFIX, build_backbone
+from victims.backbones import BACKBONES, TIMM_PREFIX, build_backbone, infer_resnet_arch
+from victims.preprocess import PROJECT_DEFAULT_MEAN, PROJECT_DEFAULT_STD, Preprocess, resolve_preprocess
 
 __all__ = [
     "REPRESENTATIONS",
@@ -56,7 +57,7 @@ __all__ = [
 #: Dziedzic et al., ICML'22) or the projector output.
 REPRESENTATIONS = ("backbone", "projector")
 _BACKBONE_KEYS = ("in_chans", "stem", "width")
-_DEFAULT_MEAN, _DEFAULT_STD = 0.5, 0.25
+_DEFAULT_MEAN, _DEFAULT_STD = PROJECT_DEFAULT_MEAN, PROJECT_DEFAULT_STD
 _TRAIN_HINT = "train one with launch/train_victim.py"
 
 
@@ -254,6 +255,9 @@ class VictimEncoder(nn.Module):
             antialiased); None = no resize.
         mean, std: per-channel normalisation of ``images / 255`` (one value is broadcast);
             default 0.5 and 0.25.
+        preprocessing: a resolved :class:`victims.preprocess.Preprocess` (e.g. the ImageNet
+            preset: Resize 256 + CenterCrop 224 + ImageNet mean/std); when given it replaces
+            ``image_size``, ``mean`` and ``std``.
         arch, representation, backbone_kwargs, proj_dim: description, used by
             :func:`random_victim` and ``VictimAPI.describe``.
     """
@@ -267,6 +271,7 @@ class VictimEncoder(nn.Module):
         image_size: int | None = None,
         mean: Sequence[float] | float | None = None,
         std: Sequence[float] | float | None = None,
+        preprocessing: Preprocess | None = None,
         arch: str = "custom",
         representation: str = "backbone",
         backbone_kwargs: Mapping[str, Any] | None = None,
@@ -276,13 +281,19 @@ class VictimEncoder(nn.Module):
         self.encoder = encoder
         self.out_dim = int(out_dim)
         self.in_chans = int(in_chans)
-        self.image_size = int(image_size) if image_size is not None else None
+        if preprocessing is None:  # the project's own kind: decoded at image_size, 0.5/0.25 by default
+            preprocessing = Preprocess(
+                preset="project", image_size=int(image_size) if image_size is not None else None,
+                mean=tuple(self._per_channel(_DEFAULT_MEAN if mean is None else mean, "mean").flatten().tolist()),
+                std=tuple(self._per_channel(_DEFAULT_STD if std is None else std, "std").flatten().tolist()))
+        self.preprocessing = preprocessing
+        self.image_size = preprocessing.input_size
         self.arch = arch
         self.representation = representation
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.proj_dim = proj_dim
-        mean_t = self._per_channel(_DEFAULT_MEAN if mean is None else mean, "mean")
-        std_t = self._per_channel(_DEFAULT_STD if std is None else std, "std")
+        mean_t = self._per_channel(preprocessing.mean, "mean")
+        std_t = self._per_channel(preprocessing.std, "std")
         if (std_t <= 0).any():
             raise ValueError(f"std must be > 0 per channel; got {std_t.flatten().tolist()}")
         self.register_buffer("mean", mean_t, persistent=False)
@@ -307,12 +318,20 @@ class VictimEncoder(nn.Module):
         """``(mean, std)`` per channel, as applied to ``images / 255``."""
         return self.mean.flatten().tolist(), self.std.flatten().tolist()
 
+    def decoder(self) -> Any:
+        """Per-image ``bytes -> uint8 [H, W, C]`` decoder with this victim's geometry, or None
+        when the stream's own decode at ``image_size`` is this victim's (project victims)."""
+        return self.preprocessing.decoder(self.in_chans)
+
     def preprocess(self, images: Tensor) -> Tensor:
-        """uint8 ``[N, C, H, W]`` (0..255) → normalised float32, resized to ``image_size``."""
+        """uint8 ``[N, C, H, W]`` (0..255) → float32 with the victim's geometry, normalised.
+
+        As torchvision's ``ToTensor`` + ``Normalize``: ``(images / 255 - mean) / std`` in float32.
+        Images already at the input size (``crop`` x ``crop``) are taken as decoded with the
+        victim's geometry (:meth:`decoder`); others get it here, on tensors.
+        """
         x = images.to(self.mean.device, non_blocking=True).float().div_(255.0)
-        s = self.image_size
-        if s is not None and tuple(x.shape[-2:]) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        x = self.preprocessing.geometry(x)
         return (x - self.mean) / self.std
 
     def forward(self, images: Tensor) -> Tensor:
@@ -337,6 +356,7 @@ def _make_victim(
     image_size: int | None,
     mean: Sequence[float] | float | None,
     std: Sequence[float] | float | None,
+    preprocessing: Preprocess | None = None,
 ) -> VictimEncoder:
     """A randomly initialised VictimEncoder of the given kind."""
     if representation not in REPRESENTATIONS:
@@ -351,8 +371,8 @@ def _make_victim(
         out_dim = proj_dim
     return VictimEncoder(
         encoder, out_dim=out_dim, in_chans=backbone_kwargs.get("in_chans", 3),
-        image_size=image_size, mean=mean, std=std, arch=arch, representation=representation,
-        backbone_kwargs=_resolved_kwargs(arch, backbone_kwargs), proj_dim=proj_dim,
+        image_size=image_size, mean=mean, std=std, preprocessing=preprocessing, arch=arch,
+        representation=representation, backbone_kwargs=_resolved_kwargs(arch, backbone_kwargs), proj_dim=proj_dim,
     )
 
 
@@ -379,6 +399,11 @@ def load_victim_encoder(
     image_size: int | None = None,
     mean: Sequence[float] | float | None = None,
     std: Sequence[float] | float | None = None,
+    preprocess: str = "auto",
+    resize: int | None = None,
+    crop: int | None = None,
+    interpolation: str | None = None,
+    preprocess_key: str = "victim.preprocess",
     **backbone_kwargs: Any,
 ) -> VictimEncoder:
     """Load a SimSiam checkpoint as a frozen :class:`VictimEncoder`.
@@ -387,8 +412,16 @@ def load_victim_encoder(
     or a bare state dict. Backbone kwargs (``in_chans``, ``stem``, ``width``) come from the
     checkpoint's ``'sslsteal'`` record when it has them (they describe the weights; a
     conflicting argument is ignored with a warning), else from ``backbone_kwargs``. ``arch``
-    defaults to ``ckpt['arch']``. ``image_size``, ``mean``, ``std`` are serving choices:
-    the arguments win, then the record, then no resize and 0.5/0.25.
+    defaults to ``ckpt['arch']``; a ResNet whose weights are of another depth or width than
+    the arch named is refused in one line naming the arch found.
+
+    Preprocessing (:func:`victims.preprocess.resolve_preprocess`): ``preprocess="auto"`` uses
+    the checkpoint's record (``image_size``, ``mean``, ``std``) when it has one, else the
+    ImageNet eval transform of the released checkpoints (Resize 256 + CenterCrop 224 + ImageNet
+    mean/std), said in one printed line; a named preset (``imagenet``, ``simsiam``, ``mocov3``,
+    ``simclr``, ``none``, ``project``) that contradicts the record is refused naming
+    ``preprocess_key``. ``mean``, ``std``, ``resize``, ``crop``, ``interpolation`` and
+    ``image_size`` override the preset.
 
     Args:
         path: checkpoint file.
@@ -398,7 +431,7 @@ def load_victim_encoder(
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: not a checkpoint, or its weights do not fit the arch (one line naming
-            the missing, unexpected and mis-shaped keys).
+            the missing, unexpected and mis-shaped keys), or a bad preprocessing choice.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -416,14 +449,10 @@ def load_victim_encoder(
     from victims.safe_load import load_untrusted
 
     ckpt = load_untrusted(path, "victim checkpoint")  # one line naming a refused pickled object and the fix
+    named = arch
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         sd, meta = ckpt["state_dict"], ckpt.get("sslsteal") or {}
         arch = arch or ckpt.get("arch")
-        if arch and ckpt.get("arch") and arch != ckpt["arch"]:
-            warnings.warn(
-                f"{path} records arch {ckpt['arch']!r}; loading it as {arch!r} as asked",
-                stacklevel=2,
-            )
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
         sd, meta = ckpt, {}
     else:
@@ -435,6 +464,9 @@ def load_victim_encoder(
             f"{path} does not record its arch; pass arch= "
             f"(one of {sorted(BACKBONES)} or 'timm:<name>')"
         )
+    if named and isinstance(ckpt, dict) and ckpt.get("arch") and named != ckpt["arch"]:
+        warnings.warn(f"{path} records arch {ckpt['arch']!r}; loading it as {named!r} as asked", stacklevel=2)
+    state = _encoder_state(sd)
 
     kw = dict(backbone_kwargs)
     for key in _BACKBONE_KEYS:
@@ -446,7 +478,6 @@ def load_victim_encoder(
                 )
             kw[key] = meta[key]
 
-    state = _encoder_state(sd)
     if representation == "backbone":
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         proj_dim = None
@@ -457,11 +488,13 @@ def load_victim_encoder(
             f"{path} has no projector weights (encoder.fc.*); use representation='backbone'"
         )
 
+    pre = resolve_preprocess(
+        preprocess, meta, channels=int(kw.get("in_chans", 3)), source=path, key=preprocess_key,
+        mean=mean, std=std, resize=resize, crop=crop, interpolation=interpolation, image_size=image_size,
+    )
     victim = _make_victim(
         arch, representation=representation, backbone_kwargs=kw, proj_dim=proj_dim,
-        image_size=image_size if image_size is not None else meta.get("image_size"),
-        mean=mean if mean is not None else meta.get("mean"),
-        std=std if std is not None else meta.get("std"),
+        image_size=None, mean=None, std=None, preprocessing=pre,
     )
     want = victim.encoder.state_dict()
     missing = [k for k in want if k not in state]
@@ -474,6 +507,14 @@ def load_victim_encoder(
         desc = ", ".join(f"{k} {v}" for k, v in victim.backbone_kwargs.items())
         rec_arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
         recorded = f" (it records arch {rec_arch!r})" if rec_arch not in (None, arch) else ""
+        found = infer_resnet_arch(state)  # what the weights are, when they are a ResNet's
+        if found is not None and found[0] != arch:
+            fix = (f"set victim.arch={found[0]}" if found[0] in BACKBONES
+                   else f"it is not one of {sorted(BACKBONES)}; pass the arch it was trained with (victim.arch=...)")
+            raise ValueError(
+                f"checkpoint {path} holds {found[0]} weights ({found[1]}), not {arch}{recorded}: "
+                f"missing encoder keys {_first(missing)}, unexpected {_first(unexpected)}; {fix}"
+            )
         raise ValueError(
             f"checkpoint {path}{recorded} does not match arch {arch} ({desc}): "
             f"missing encoder keys {_first(missing)}, unexpected {_first(unexpected)}, "
@@ -498,24 +539,28 @@ def random_victim(
     """A randomly initialised victim: the skeptic's control (what does stealing noise give?).
 
     ``arch`` is a backbone name, or an existing :class:`VictimEncoder` whose kind (arch,
-    representation, backbone kwargs, projector dim, image size, normalisation) is copied;
-    explicit arguments override. Initialisation is deterministic in ``seed`` and leaves the
-    global RNG untouched.
+    representation, backbone kwargs, projector dim, preprocessing) is copied; explicit
+    ``image_size``/``mean``/``std`` override it. Initialisation is deterministic in ``seed``
+    and leaves the global RNG untouched.
     """
+    preprocessing = None
     if isinstance(arch, VictimEncoder):
         ref = arch
         arch = ref.arch
         representation = representation or ref.representation
         proj_dim = proj_dim or ref.proj_dim
-        image_size = image_size if image_size is not None else ref.image_size
-        ref_mean, ref_std = ref.normalisation
-        mean = mean if mean is not None else ref_mean
-        std = std if std is not None else ref_std
+        if image_size is None and mean is None and std is None:
+            preprocessing = ref.preprocessing
+        else:
+            image_size = image_size if image_size is not None else ref.image_size
+            ref_mean, ref_std = ref.normalisation
+            mean = mean if mean is not None else ref_mean
+            std = std if std is not None else ref_std
         backbone_kwargs = {**ref.backbone_kwargs, **backbone_kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _make_victim(
             arch, representation=representation or "backbone",
             backbone_kwargs=backbone_kwargs, proj_dim=proj_dim,
-            image_size=image_size, mean=mean, std=std,
+            image_size=image_size, mean=mean, std=std, preprocessing=preprocessing,
         )
