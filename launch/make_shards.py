@@ -4,6 +4,13 @@ SOURCE is one of:
 
 * an image-folder tree ``SOURCE/<class>/**/<image>`` (jpg/jpeg/png/bmp/gif/tif/webp/ppm/pgm;
   class index = position of the sorted class-folder name);
+* an ImageNet root ``SOURCE/train/<wnid>/`` + ``SOURCE/val/`` (val as class folders, or flat with
+  its label file -- Kaggle ``LOC_val_solution.csv``, the devkit's ground truth + ``meta.mat``, or
+  ``imagenet_2012_validation_synset_labels.txt``; see :mod:`stealer.imagenet`): train is written
+  as ``OUT_DIR/train`` (or one folder per ``--split``), val as ``OUT_DIR/val`` with the train
+  classes' indices (matched by wnid);
+* a flat folder of images with such a label file (found beside it or up to four folders above,
+  or given with ``--val-labels``);
 * a ``.npz`` with ``images`` (uint8, N x H x W or N x H x W x 3), ``labels`` (ints) and
   optionally ``classes`` (names);
 * ``builtin:animal_mnist`` or ``builtin:digits`` (datasets that ship inside pip packages), or
@@ -27,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from stealer.datasets import BUILTIN_DATASETS, OPTIONAL_DATASETS, load_builtin, split_indices
+from stealer.imagenet import VAL_LABEL_FILES, find_val_labels, is_imagenet_root, read_val_labels
 from stealer.shards import (
+    IMAGE_EXTENSIONS,
     ImageFolderSource,
     ShardSourceError,
     ShardWarning,
@@ -59,6 +68,8 @@ def parse_split(text: str) -> tuple[str, int]:
 
 
 def _write_set(samples, out_dir: Path, *, skipped, overwrite: bool, **kw) -> dict:
+    if isinstance(skipped, SkipCounter):
+        kw["extra"] = skipped.quirks
     try:
         return write_shards(samples, out_dir, skipped=skipped, overwrite=overwrite, **kw)
     except FileExistsError:
@@ -79,6 +90,7 @@ def make_shards(
     overwrite: bool = False,
     keep_order: bool = False,
     workers: int = 1,
+    val_labels: str | os.PathLike[str] | None = None,
 ) -> dict[str, dict]:
     """Write ``source`` as shards into ``out_dir`` (or one sub-folder per split).
 
@@ -98,6 +110,8 @@ def make_shards(
             (source order is usually class-sorted, which hurts streaming readers).
         workers: image folders only: read headers with this many threads and decode /
             re-encode in this many processes; the shards are byte-for-byte the same.
+        val_labels: the label file of a flat folder (an ImageNet root's flat ``val/``, or
+            ``source`` itself); found automatically when ``None`` (:func:`stealer.imagenet.find_val_labels`).
 
     Returns:
         output folder (as a string) -> its manifest. For ``builtin:default`` the
@@ -158,18 +172,79 @@ def make_shards(
 
     if out.resolve().is_relative_to(path.resolve()):
         raise ValueError(f"OUT_DIR {out} lies inside SOURCE {path}; write the shards somewhere else")
+    kw = dict(image_size=image_size, splits=splits, seed=seed, prefix=prefix, samples_per_shard=samples_per_shard,
+              overwrite=overwrite, keep_order=keep_order, workers=workers)
+    if is_imagenet_root(path):
+        if "val" in splits:
+            raise ValueError("--split val would overwrite the ImageNet val set written to OUT_DIR/val; name the split otherwise")
+        train = ImageFolderSource.scan(path / "train", image_size=image_size, workers=workers)
+        result = _write_folder(train, path / "train", out if splits else out / "train", **kw)
+        val, labels_file = _scan_val(path / "val", train.classes, image_size, workers, val_labels)
+        result.update(_write_folder(val, path / "val", out / "val", labels_file=labels_file,
+                                    **{**kw, "splits": {}}))
+        return result
+    if _is_flat(path):
+        labels_file = Path(val_labels) if val_labels else find_val_labels(path)
+        if labels_file is None:
+            raise ShardSourceError(
+                f"{path} holds images but no class sub-folders, and no label file was found in it or four folders "
+                f"above ({', '.join(VAL_LABEL_FILES)}); pass --val-labels FILE or put the images in {path}/<class name>/"
+            )
+        folder, labels_file = _scan_val(path, None, image_size, workers, labels_file)
+        return _write_folder(folder, path, out, labels_file=labels_file, **kw)
+    if val_labels:
+        raise ValueError(f"--val-labels is for a flat folder or an ImageNet root (train/ + val/); {path} has class folders")
     folder = ImageFolderSource.scan(path, image_size=image_size, workers=workers)
-    labels = folder.labels
+    return _write_folder(folder, path, out, **kw)
+
+
+def _is_flat(path: Path) -> bool:
+    """A folder with images directly in it and no class sub-folders."""
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    return not any(e.is_dir() for e in entries) and any(
+        e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS for e in entries)
+
+
+def _scan_val(
+    folder: Path, classes: Sequence[str] | None, image_size: int | None, workers: int,
+    val_labels: str | os.PathLike[str] | None,
+) -> tuple[ImageFolderSource, Path | None]:
+    """A val folder as a source: class folders (named as ``classes``) or flat with its label file."""
+    if not _is_flat(folder):
+        if val_labels:
+            raise ValueError(f"--val-labels given but {folder} is sorted into class folders; drop --val-labels")
+        return ImageFolderSource.scan(folder, image_size=image_size, workers=workers, classes=classes), None
+    labels_file = Path(val_labels) if val_labels else find_val_labels(folder)
+    if labels_file is None:
+        raise ShardSourceError(
+            f"{folder} is a flat val folder but no label file was found in it or four folders above "
+            f"({', '.join(VAL_LABEL_FILES)}); pass --val-labels FILE or sort it into class folders (valprep.sh)"
+        )
+    if not labels_file.is_file():
+        raise FileNotFoundError(f"--val-labels {labels_file} does not exist")
+    labels, declared = read_val_labels(labels_file)
+    if classes is None:
+        classes = declared or sorted(set(labels.values()))
+    return ImageFolderSource.scan_labelled(folder, labels, classes, image_size=image_size, workers=workers), labels_file
+
+
+def _write_folder(
+    folder: ImageFolderSource, path: Path, out: Path, *, labels_file: Path | None = None,
+    image_size: int | None, splits: Mapping[str, int], seed: int, prefix: str, samples_per_shard: int,
+    overwrite: bool, keep_order: bool, workers: int,
+) -> dict[str, dict]:
+    """Write a scanned folder as one set or as splits; quirks and left-out files go into each manifest."""
     common = dict(
         prefix=prefix, samples_per_shard=samples_per_shard, classes=folder.classes,
         channels=folder.channels, image_size=folder.native_size,
     )
+    note = f" labels={labels_file}" if labels_file else ""
     result: dict[str, dict] = {}
-    for sub, indices, label in _plan(labels, splits, seed, keep_order, out):
-        counter = SkipCounter()
+    for sub, indices, label in _plan(folder.labels, splits, seed, keep_order, out):
+        counter = SkipCounter(files={k: list(v) for k, v in folder.left_out.items()})
         result[str(sub)] = _write_set(
             folder.samples(indices, skipped=counter, workers=workers), sub, skipped=counter, overwrite=overwrite,
-            source=f"{path}{label}", **common,
+            source=f"{path}{note}{label}", **common,
         )
     return result
 
@@ -229,7 +304,14 @@ def _build_parser() -> argparse.ArgumentParser:
             "                       and --image-size is not given, the JPEG bytes are copied as they are;\n"
             "                       otherwise all images are stored as PNG. Grey if every image is grey, else RGB.\n"
             "                       Unreadable images are skipped with a warning and counted in the manifest\n"
-            "                       as \"skipped\".\n"
+            "                       as \"skipped\"; converted (CMYK/grey -> RGB, a PNG named .JPEG -> JPEG) and\n"
+            "                       skipped files are listed by kind under \"quirks\". A set is stored as JPEG\n"
+            "                       when >= 90%% of its images are JPEGs.\n"
+            "  IMAGENET_ROOT        ROOT/train/<wnid>/ and ROOT/val/ (class folders, or flat with LOC_val_solution.csv,\n"
+            "                       the devkit's ILSVRC2012_validation_ground_truth.txt + meta.mat, or\n"
+            "                       imagenet_2012_validation_synset_labels.txt): train -> OUT_DIR/train (or the\n"
+            "                       --split folders), val -> OUT_DIR/val with train's class indices (by wnid).\n"
+            "  FLAT_DIR             images with one of those label files (--val-labels FILE, or found nearby).\n"
             "  FILE.npz             arrays images (uint8 N,H,W or N,H,W,3), labels (ints), optional classes.\n"
             "  builtin:animal_mnist Animal-MNIST, 10000 x 28x28 grey, 10 animal classes (pip package animal-mnist).\n"
             "  builtin:digits       scikit-learn digits, 1797 x 8x8 grey scaled to 0..255.\n"
@@ -241,6 +323,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "  python launch/make_shards.py builtin:default data/\n"
             "  python launch/make_shards.py ~/images/pets data/pets --image-size 64 --split train=8000 --split test=2000\n"
             "  python launch/make_shards.py faces.npz data/faces --samples-per-shard 500\n"
+            "  python launch/make_shards.py $IMAGENET data/imagenet --split query=250000 --split probe_train=50000 --workers 16\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -269,6 +352,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="image folders: read headers with N threads and decode/encode in N processes (e.g. the node's cores); "
         "the output is byte-for-byte that of 1 worker (default 1)",
     )
+    parser.add_argument(
+        "--val-labels", default=None, metavar="FILE",
+        help="label file of a flat folder (an ImageNet root's val/ or SOURCE itself): LOC_val_solution.csv, "
+        "ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it) or imagenet_2012_validation_synset_labels.txt; "
+        "default: looked for in the folder and four folders above",
+    )
     return parser
 
 
@@ -290,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = make_shards(
                 args.source, args.out_dir, samples_per_shard=args.samples_per_shard, image_size=args.image_size,
                 splits=dict(args.split), seed=args.seed, prefix=args.prefix, overwrite=args.overwrite,
-                keep_order=args.keep_order, workers=args.workers,
+                keep_order=args.keep_order, workers=args.workers, val_labels=args.val_labels,
             )
         except (OSError, ValueError, ImportError) as exc:
             print(f"{_PROG}: error: {exc}", file=sys.stderr)
@@ -299,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped = manifest.get("skipped", 0)
         extra = f", skipped {skipped} unreadable" if skipped else ""
         print(f"{folder}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards{extra}")
+        for kind, got in manifest.get("quirks", {}).items():
+            names = ", ".join(got["files"][:3]) + (f", ... (all in {folder}/manifest.json)" if got["count"] > 3 else "")
+            print(f"  {kind}: {got['count']} ({names})")
     return 0
 
 

@@ -16,6 +16,13 @@ The manifest::
      "shards": [{"name": "train-000000.tar", "count": int}, ...],
      "skipped": int, "created": ISO-8601 time}
 
+plus, for image folders, ``"quirks"``: what was converted or left out, by kind, each
+``{"count": int, "files": [paths relative to the source, at most 1000]}`` -- ``unreadable``
+(skipped: 0-byte, truncated, not an image), ``cmyk_to_rgb``, ``grey_to_rgb``, ``<mode>_to_rgb``,
+``png_to_jpg`` (a non-JPEG, e.g. a PNG named ``.JPEG``, in a JPEG set), and for labelled flat
+folders ``unlabelled`` / ``other_class`` (images the label file does not name, or names with a
+class outside the set's; left out, not counted in ``skipped``).
+
 is written last and atomically (temporary file + ``os.replace``), and each tar is
 first written under a hidden temporary name and renamed into place, so a folder
 without ``manifest.json`` is an unfinished set. Tar headers carry a fixed mtime,
@@ -75,6 +82,10 @@ IMAGE_EXTENSIONS = frozenset(
 _TAR_MTIME = 0
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+#: A folder is stored as JPEG (bytes copied, the rest re-encoded) when at least this share of its
+#: readable images are JPEGs and no resize is asked for; ImageNet's one PNG named .JPEG stays a JPEG set.
+JPEG_SET_MIN_FRACTION = 0.9
+_QUIRK_NAMES = 1000  # file names kept per quirk kind in a manifest
 
 #: One sample: (key, encoded image bytes, "png" | "jpg", class index).
 Sample = tuple[str, bytes, str, int]
@@ -189,6 +200,7 @@ def write_shards(
     image_size: Sequence[int] | None,
     skipped: int | Callable[[], int] = 0,
     overwrite: bool = False,
+    extra: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
 ) -> dict:
     """Write ``samples`` as WebDataset tar shards plus ``manifest.json`` into ``out_dir``.
 
@@ -207,6 +219,8 @@ def write_shards(
             read after ``samples`` is exhausted (for sources that skip as they go).
         overwrite: replace an existing set in ``out_dir``; otherwise an existing
             ``manifest.json`` is a ``FileExistsError``.
+        extra: more manifest entries (e.g. ``quirks``), or a zero-argument callable giving
+            them, read after ``samples`` is exhausted; they cannot replace the keys above.
 
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``, last).
@@ -313,6 +327,11 @@ def write_shards(
         "skipped": int(skipped() if callable(skipped) else skipped),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    more = dict((extra() if callable(extra) else extra) or {})
+    clash = sorted(set(more) & set(manifest))
+    if clash:
+        raise ValueError(f"extra manifest keys {clash} would replace the format's own keys")
+    manifest.update(more)
     _write_json_atomic(manifest_path, manifest)
     return manifest
 
@@ -442,20 +461,37 @@ def load_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, list
 
 @dataclass
 class SkipCounter:
-    """A mutable count of skipped items, read by :func:`write_shards` once a source is exhausted."""
+    """A mutable count of skipped items, read by :func:`write_shards` once a source is exhausted.
+
+    Image folders also log here, by kind, the files they converted or left out (``files``:
+    kind -> paths relative to the source); :meth:`quirks` is the manifest's ``"quirks"`` entry.
+    """
 
     n: int = 0
+    files: dict[str, list[str]] = field(default_factory=dict)
 
     def __call__(self) -> int:
         """Return the count (so the counter itself can be passed as ``skipped=``)."""
         return self.n
+
+    def log(self, kind: str, name: str) -> None:
+        """Note that file ``name`` was converted or left out as ``kind`` (e.g. ``cmyk_to_rgb``)."""
+        self.files.setdefault(kind, []).append(name)
+
+    def quirks(self) -> dict[str, Any]:
+        """``{"quirks": {kind: {"count": n, "files": [first 1000 names]}}}`` (empty when nothing happened)."""
+        if not self.files:
+            return {}
+        return {"quirks": {k: {"count": len(v), "files": v[:_QUIRK_NAMES]} for k, v in sorted(self.files.items())}}
 
 
 @dataclass
 class ImageFolderSource:
     """An image-folder tree ``root/<class>/**/<image>`` scanned into a list of files.
 
-    Class names are the sorted sub-folder names of ``root`` (index = position).
+    Class names are the sorted sub-folder names of ``root`` (index = position), or a given
+    list (:meth:`scan` ``classes=``, e.g. the train set's, so a val set gets the same indices by
+    name). :meth:`scan_labelled` reads a flat folder whose classes come from a label file.
     Files with an image suffix are found recursively (sorted; hidden files and
     other suffixes ignored) and their headers read once to learn format, mode and
     size. A file whose header PIL cannot read stays in :attr:`files` (so it
@@ -464,12 +500,14 @@ class ImageFolderSource:
     fail to decode there are skipped and counted the same way. Pixels are only
     decoded in :meth:`samples`.
 
-    Encoding rule (one extension per set): if no resize is asked for and every
-    readable image is a JPEG, the JPEG bytes are copied as they are (a JPEG whose
-    mode is not the set's -- e.g. a grey or CMYK one in an RGB set -- is
-    converted and re-encoded as JPEG quality 95); otherwise every image is
-    stored as PNG. The set is 1-channel if every image is greyscale, else RGB
-    (alpha dropped). ``image_size`` resizes to ``S x S`` (PIL bilinear, no crop).
+    Encoding rule (one extension per set): if no resize is asked for and at least
+    :data:`JPEG_SET_MIN_FRACTION` of the readable images are JPEGs, the JPEG bytes are
+    copied as they are, and the others -- a JPEG whose mode is not the set's (a grey or
+    CMYK one in an RGB set), a PNG named ``.JPEG`` -- are converted and re-encoded as JPEG
+    quality 95; otherwise every image is stored as PNG. The set is 1-channel if every
+    image is greyscale, else RGB (alpha dropped). ``image_size`` resizes to ``S x S``
+    (PIL bilinear, no crop). Every conversion and skip is logged by kind in the
+    :class:`SkipCounter` given to :meth:`samples` (the manifest's ``quirks``).
     """
 
     root: Path
@@ -480,13 +518,20 @@ class ImageFolderSource:
     channels: int = 3
     image_ext: str = "png"
     native_size: list[int] | None = None
+    heads: list[tuple[str, str] | None] = field(default_factory=list)  # (format, mode) per file; None if bad
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # kind -> names not listed in files
 
     @classmethod
-    def scan(cls, root: str | os.PathLike[str], image_size: int | None = None, *, workers: int = 1) -> ImageFolderSource:
+    def scan(
+        cls, root: str | os.PathLike[str], image_size: int | None = None, *, workers: int = 1,
+        classes: Sequence[str] | None = None,
+    ) -> ImageFolderSource:
         """Scan ``root``; raise ``FileNotFoundError``/``ShardSourceError`` (one line) if it is unusable.
 
         ``workers`` > 1 reads the image headers with that many threads (the scan of a large tree
-        on a network file system is I/O bound); the result is the same as with one.
+        on a network file system is I/O bound); the result is the same as with one. ``classes``
+        fixes the class list (index = position); a class folder not in it is left out with a
+        warning (logged as ``other_class``).
         """
         root = Path(root)
         if not root.exists():
@@ -498,59 +543,120 @@ class ImageFolderSource:
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
         if not class_dirs:
-            hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+            hint = f" ({len(loose)} images lie directly in it; a flat ImageNet val folder also needs its label file)" if loose else ""
             raise ShardSourceError(f"{root} has no class sub-folders{hint}; put the images in {root}/<class name>/")
         if loose:
             warnings.warn(
                 f"ignoring {len(loose)} images directly in {root} (not in a class folder)", ShardWarning, stacklevel=2
             )
-        src = cls(root=root, image_size=image_size, classes=[d.name for d in class_dirs])
+        names = [d.name for d in class_dirs] if classes is None else [str(c) for c in classes]
+        index = {n: i for i, n in enumerate(names)}
+        src = cls(root=root, image_size=image_size, classes=names)
+        for cdir in class_dirs:
+            ci = index.get(cdir.name)
+            found = [Path(dp) / f for dp, dns, fns in _walk(cdir) for f in fns]
+            if ci is None:
+                if found:
+                    src.left_out.setdefault("other_class", []).extend(str(f.relative_to(root)) for f in found)
+                    warnings.warn(f"class folder {cdir} is not among the {len(names)} classes; its {len(found)} "
+                                  f"images are left out", ShardWarning, stacklevel=2)
+                continue
+            src.files.extend((f, ci) for f in found)
+        src._inspect(workers, [root / n for n in names if (root / n).is_dir()] if classes is None else
+                     [root / n for n in names])
+        return src
+
+    @classmethod
+    def scan_labelled(
+        cls, root: str | os.PathLike[str], labels: Mapping[str, str], classes: Sequence[str],
+        image_size: int | None = None, *, workers: int = 1,
+    ) -> ImageFolderSource:
+        """Scan a flat folder ``root/<image>`` whose class names come from ``labels`` (file name
+        without suffix -> class name, e.g. read by :func:`stealer.imagenet.read_val_labels`).
+
+        Images the labels do not name (``unlabelled``) or name with a class outside ``classes``
+        (``other_class``) are left out, warned about in one line each kind and logged.
+        """
+        root = Path(root)
+        index = {str(n): i for i, n in enumerate(classes)}
+        src = cls(root=root, image_size=image_size, classes=[str(c) for c in classes])
+        for path in sorted(root.iterdir()):
+            if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            name = labels.get(path.stem)
+            if name is None:
+                src.left_out.setdefault("unlabelled", []).append(path.name)
+            elif name not in index:
+                src.left_out.setdefault("other_class", []).append(path.name)
+            else:
+                src.files.append((path, index[name]))
+        for kind, what in (("unlabelled", "have no label"), ("other_class", "are labelled with a class outside the set's")):
+            got = src.left_out.get(kind, [])
+            if got:
+                more = f", ... ({len(got)} in all)" if len(got) > 3 else ""
+                warnings.warn(f"{len(got)} images in {root} {what} and are left out: {', '.join(got[:3])}{more}",
+                              ShardWarning, stacklevel=2)
+        src._inspect(workers, [])
+        return src
+
+    def _inspect(self, workers: int, class_dirs: Sequence[Path]) -> None:
+        """Read every header; set ``bad``, ``heads``, ``channels``, ``image_ext`` and ``native_size``."""
         sizes: set[tuple[int, int]] = set()
         modes: set[str] = set()
-        formats: set[str] = set()
-        empty: list[Path] = []
-        for ci, cdir in enumerate(class_dirs):
-            for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for fname in sorted(filenames):
-                    path = Path(dirpath) / fname
-                    if fname.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                        continue
-                    src.files.append((path, ci))
-        found = [0] * len(class_dirs)
-        for i, head in enumerate(_map_ordered(_read_header, [p for p, _ in src.files], workers, threads=True)):
+        jpegs = readable = 0
+        found = [0] * len(self.classes)
+        self.heads = []
+        for i, head in enumerate(_map_ordered(_read_header, [p for p, _ in self.files], workers, threads=True)):
             if isinstance(head, BaseException):  # warned in file order, whatever order the threads ran in
-                src.bad.add(i)
-                _warn_skip(src.files[i][0], head)
+                self.bad.add(i)
+                self.heads.append(None)
+                _warn_skip(self.files[i][0], head)
                 continue
             fmt, mode, (w, h) = head
-            formats.add(fmt)
+            self.heads.append((fmt, mode))
+            readable += 1
+            jpegs += fmt == "JPEG"
             sizes.add((h, w))
             modes.add(mode)
-            found[src.files[i][1]] += 1
-        empty = [cdir for ci, cdir in enumerate(class_dirs) if found[ci] == 0]
-        if len(src.files) == len(src.bad):
-            what = "readable images" if src.files else "images"
+            found[self.files[i][1]] += 1
+        if readable == 0:
+            what = "readable images" if self.files else "images"
+            where = "in its class folders" if class_dirs else "in it"
             raise ShardSourceError(
-                f"no {what} under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in its class folders)"
+                f"no {what} under {self.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} {where})"
             )
-        for cdir in empty:
-            warnings.warn(
-                f"class folder {cdir} holds no readable images (its class index is kept)", ShardWarning, stacklevel=2
-            )
-        src.channels = 1 if modes <= _GREY_MODES else 3
-        src.image_ext = "jpg" if (image_size is None and formats == {"JPEG"}) else "png"
-        if image_size is not None:
-            src.native_size = [int(image_size), int(image_size)]
+        for ci, cdir in enumerate(class_dirs):  # class_dirs[i] is class i's folder (a val set may lack some)
+            if found[ci] == 0 and cdir.is_dir():
+                warnings.warn(
+                    f"class folder {cdir} holds no readable images (its class index is kept)", ShardWarning, stacklevel=3
+                )
+        self.channels = 1 if modes <= _GREY_MODES else 3
+        as_jpeg = self.image_size is None and jpegs >= JPEG_SET_MIN_FRACTION * readable
+        self.image_ext = "jpg" if as_jpeg else "png"
+        if self.image_size is not None:
+            self.native_size = [int(self.image_size), int(self.image_size)]
         elif len(sizes) == 1:
             h, w = next(iter(sizes))
-            src.native_size = [h, w]
-        return src
+            self.native_size = [h, w]
 
     @property
     def labels(self) -> np.ndarray:
         """Class index of every scanned file (readable or not), in file order."""
         return np.array([c for _, c in self.files], dtype=np.int64)
+
+    def _quirk(self, i: int) -> str | None:
+        """What :func:`_encode_image` does to readable file ``i`` beyond copying or plain re-encoding."""
+        head = self.heads[i] if i < len(self.heads) else None
+        if head is None:
+            return None
+        fmt, mode = head
+        want = "L" if self.channels == 1 else "RGB"
+        if mode != want and not (want == "L" and mode in _GREY_MODES):
+            name = "cmyk" if mode == "CMYK" else "grey" if mode in _GREY_MODES else mode.lower()
+            return f"{name}_to_{want.lower()}"
+        if self.image_ext == "jpg" and fmt != "JPEG":
+            return f"{(fmt or 'unknown').lower()}_to_jpg"
+        return None
 
     def samples(
         self,
@@ -564,9 +670,10 @@ class ImageFolderSource:
 
         Keys are ``{key_prefix}-{file index:06d}`` (``key_prefix`` defaults to the
         sanitised folder name). Bad files and files that fail to decode are left
-        out and counted in ``skipped``. ``workers`` > 1 decodes and re-encodes in that
-        many processes; samples, warnings and counts come out in the same order, so the
-        shards are byte-for-byte those of one worker.
+        out, counted in ``skipped`` and logged there as ``unreadable``; converted files
+        are logged by kind (``cmyk_to_rgb``, ``grey_to_rgb``, ``png_to_jpg``, ...).
+        ``workers`` > 1 decodes and re-encodes in that many processes; samples, warnings
+        and counts come out in the same order, so the shards are byte-for-byte those of one worker.
         """
         prefix = sanitize_key_prefix(key_prefix or self.root.resolve().name)
         counter = skipped if skipped is not None else SkipCounter()
@@ -578,17 +685,31 @@ class ImageFolderSource:
         jobs = [(str(self.files[i][0]), want_mode, self.image_ext, self.image_size) for i in todo]
         encoded = iter(_map_ordered(_encode_image, jobs, workers, threads=False))
         for i in order:
+            path, cls = self.files[i]
+            name = str(path.relative_to(self.root))
             if i in self.bad:
                 counter.n += 1
+                counter.log("unreadable", name)
                 continue
             data = next(encoded)
-            path, cls = self.files[i]
             if isinstance(data, BaseException):
                 self.bad.add(i)
                 counter.n += 1
+                counter.log("unreadable", name)
                 _warn_skip(path, data)
                 continue
+            quirk = self._quirk(i)
+            if quirk:
+                counter.log(quirk, name)
             yield f"{prefix}-{i:0{width}d}", data, self.image_ext, cls
+
+
+def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` of a class folder, sorted, hidden entries and non-image files left out."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, dirnames, [f for f in sorted(filenames)
+                                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def _read_header(path: Path) -> tuple[str, str, tuple[int, int]] | BaseException:
@@ -597,6 +718,11 @@ def _read_header(path: Path) -> tuple[str, str, tuple[int, int]] | BaseException
         with Image.open(path) as im:
             return im.format or "", im.mode, im.size
     except _DECODE_ERRORS as exc:
+        try:
+            if path.stat().st_size == 0:
+                return OSError("empty file, 0 bytes")
+        except OSError:
+            pass
         return exc
 
 
