@@ -326,7 +326,7 @@ def test_build_defenses_composes_in_order() -> None:
     assert torch.equal(out, second(first(reps, _images(6), "u"), _images(6), "u"))
     assert build_defenses([]) == []
     assert set(defense_params("b4b")) == {
-        "lam", "alpha", "beta", "n_bits", "n_projections", "transform", "pad_dim", "binary_factor", "center", "seed",
+        "lam", "alpha", "beta", "n_bits", "n_projections", "transform", "pad_dim", "binary_factor", "noise_index", "center", "seed",
     }
     assert set(TRANSFORMS) == {"none", "affine", "pad_shuffle", "affine_pad_shuffle", "binary"}
 

@@ -64,8 +64,12 @@ def test_noise_vertex_by_hand():
 
 def test_reverse_sigmoid_by_hand():
     # gamma=1: sigmoid(logit y) = y, r = 0.5 (y - 0.5) = [.05, -.1, -.2]; y - r = [.55, .4, .3] / 1.25
-    out = reverse_sigmoid(T([[0.6, 0.3, 0.1]]), beta=0.5, gamma=1.0)
+    # (Orekondy's unclamped logit, clamp="none")
+    out = reverse_sigmoid(T([[0.6, 0.3, 0.1]]), beta=0.5, gamma=1.0, clamp="none")
     assert torch.allclose(out, T([[0.44, 0.32, 0.24]]), atol=1e-6)
+    # default clamp="odds" (Mazeika / Khaled): odds 1.5 clamped to ~1, r(0.6) = 0: [.6, .4, .3] / 1.3
+    out = reverse_sigmoid(T([[0.6, 0.3, 0.1]]), beta=0.5, gamma=1.0)
+    assert torch.allclose(out, T([[0.6, 0.4, 0.3]]) / 1.3, atol=1e-6)
     # beta > 1 would go negative: clamped at 0, still a distribution
     out = reverse_sigmoid(T([[0.9, 0.05, 0.05]]), beta=3.0, gamma=5.0)
     assert (out >= 0).all() and torch.allclose(out.sum(1), T([1.0]))

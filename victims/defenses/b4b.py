@@ -1,5 +1,5 @@
 """B4B: Dubiński, Pawlak, Boenisch, Trzciński, Dziedzic, "Bucks for Buckets (B4B): Active
-Defenses Against Stealing Encoders", NeurIPS 2023 (code: stapaw/b4b-active-encoder-defense).
+Defenses Against Stealing Encoders", NeurIPS 2023 (code: stapaw/b4b-active-encoder-defense @f66dc825).
 
 Three blocks, per user:
 
@@ -23,9 +23,15 @@ Defaults and where they come from (``end2end-stealing/steal_model.py``, ``bucket
 features; a victim whose features have another scale needs its own ``alpha``.
 
 What differs from their code, and why: they compute coverage offline (a precomputed
-curve indexed by batch number) — here it is updated online with every batch of every
-user, and the batch's noise uses the coverage *after* the batch is counted, as their curve
-does. Their end-to-end ``affine`` is ``x @ A + B`` with ``A, B ~ U(-1, 1)``; their
+curve, ``buckets.py:compute_buckets_covered``, entry k = the coverage after batch k) —
+here it is updated online with every batch of every user. Their stealing loop
+(``steal_model.py:get_stdev``) reads that curve through ``np.repeat(buckets_covered, 2)``,
+i.e. batch i gets the coverage after batch ``i // 2``; ``noise_index="half"`` reproduces
+that exactly. The default ``noise_index="after"`` prices batch i at the coverage *after*
+batch i is counted (the paper's cost of the user's coverage, and what the README's B4B
+figures were measured with): their repeat-by-2 matches a curve computed at twice the
+stealing batch size, which an online defense does not have, and with equal batch sizes it
+lags the user's real coverage by half their batches. Their end-to-end ``affine`` is ``x @ A + B`` with ``A, B ~ U(-1, 1)``; their
 benchmark ``affine`` is a diagonal scale and shift; here ``A`` is a random orthogonal
 matrix (a legitimate user's geometry — distances, angles up to the shift — is kept
 exactly) and ``B ~ U(-1, 1)``.
@@ -53,6 +59,7 @@ __all__ = ["TRANSFORMS", "B4B", "b4b_noise_std", "lsh_bucket_ids"]
 #: Per-user transformations B4B may apply after the noise (see :class:`B4B`).
 TRANSFORMS = ("none", "affine", "pad_shuffle", "affine_pad_shuffle", "binary")
 _MAX_BITS = 24  # a user's occupancy is n_projections x 2**n_bits booleans
+_NOISE_INDEX = ("after", "half")  # which coverage prices batch i (see B4B)
 _CACHE = 8  # per-user transformation parameters kept in memory (recomputable from the seed)
 
 
@@ -112,6 +119,9 @@ class B4B(UserStateDefense):
         transform: one of :data:`TRANSFORMS` (default ``affine``).
         pad_dim: dims appended by ``pad_shuffle`` (default None = D, as their config).
         binary_factor: answer dims per representation dim for ``binary`` (default 2).
+        noise_index: ``after`` (default): batch i's noise uses the coverage after batch i;
+            ``half``: the coverage after batch ``i // 2`` of that user, as the reference
+            loop indexes its curve (``steal_model.py:get_stdev``).
         center: the defender's mean representation (e.g. over its own training data),
             subtracted before hashing only (default None = hash the raw representation, as
             their code does). Post-ReLU features are all non-negative and far from the
@@ -133,6 +143,7 @@ class B4B(UserStateDefense):
         transform: str = "affine",
         pad_dim: int | None = None,
         binary_factor: float = 2.0,
+        noise_index: str = "after",
         center: Any = None,
         seed: int = 0,
     ) -> None:
@@ -151,6 +162,7 @@ class B4B(UserStateDefense):
              "pad_dim", pad_dim, "None or an int >= 0"),
             (is_number(binary_factor) and binary_factor > 0,
              "binary_factor", binary_factor, "a number > 0"),
+            (noise_index in _NOISE_INDEX, "noise_index", noise_index, f"one of {', '.join(_NOISE_INDEX)}"),
             (center is None or (isinstance(center, (list, tuple, Tensor)) and len(center) > 0
                                 and all((isinstance(c, Tensor) or is_number(c)) and math.isfinite(float(c)) for c in center)),
              "center", "<vector>" if center is not None else None, "None or a list of finite numbers (the mean representation)"),
@@ -169,6 +181,8 @@ class B4B(UserStateDefense):
             "center": None if center is None else [float(c) for c in center],
             "seed": int(seed),
         }
+        if noise_index != "after":  # only when set: states saved before the option still load
+            self._config["noise_index"] = str(noise_index)
         self._planes: dict[int, Tensor] = {}
         self._planes_on: dict[tuple[int, str], Tensor] = {}
         self._secrets: OrderedDict[tuple[str, str, int, str], tuple[Tensor, ...]] = OrderedDict()
@@ -177,7 +191,10 @@ class B4B(UserStateDefense):
     def _new_user(self) -> dict[str, Any]:
         cfg = self._config
         occupied = torch.zeros(cfg["n_projections"], 2 ** cfg["n_bits"], dtype=torch.bool)
-        return {"batches": 0, "queries": 0, "occupied": occupied}
+        state: dict[str, Any] = {"batches": 0, "queries": 0, "occupied": occupied}
+        if cfg.get("noise_index") == "half":
+            state["history"] = []  # history[k] = coverage after the user's batch k
+        return state
 
     def hyperplanes(self, dim: int) -> Tensor:
         """LSH hyperplane normals for ``dim``-dimensional representations: ``[P, dim, n_bits]``."""
@@ -203,9 +220,15 @@ class B4B(UserStateDefense):
             return float(occupied.sum(dim=1).double().mean()) / occupied.shape[1]
 
     def noise_std(self, user: str) -> float:
-        """The std of the noise ``user``'s next answers get at their current coverage."""
+        """The std of the noise at ``user``'s current coverage (with ``noise_index="half"``:
+        at the coverage the user's next batch is priced at, when already known)."""
         cfg = self._config
-        return b4b_noise_std(self.coverage(user), cfg["lam"], cfg["alpha"], cfg["beta"])
+        coverage = self.coverage(user)
+        with self._lock:
+            state = self._users.get(user)
+            if state is not None and "history" in state and state["batches"] // 2 < len(state["history"]):
+                coverage = state["history"][state["batches"] // 2]
+        return b4b_noise_std(coverage, cfg["lam"], cfg["alpha"], cfg["beta"])
 
     def out_dim(self, dim: int) -> int:
         """Dimension of the answers to ``dim``-dimensional representations."""
@@ -284,6 +307,9 @@ class B4B(UserStateDefense):
             rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
             state["occupied"][rows, ids] = True
         coverage = float(state["occupied"].sum(dim=1).double().mean()) / state["occupied"].shape[1]
+        if "history" in state and reps.shape[0]:  # noise_index="half": the reference's curve[i // 2]
+            state["history"].append(coverage)
+            coverage = state["history"][state["batches"] // 2]
         std = b4b_noise_std(coverage, cfg["lam"], cfg["alpha"], cfg["beta"])
         noise = torch.randn(reps.shape, generator=self._generator("noise", user, state)) * std
         return self.transform(reps + noise.to(reps.device), user)

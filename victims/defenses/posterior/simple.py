@@ -21,27 +21,58 @@ from torch import Tensor, nn
 from victims.defenses.base import check_params, is_int, is_number
 from victims.defenses.posterior.base import (PosteriorDefenseBase, linesearch, renormalise, victim_outputs)
 
-__all__ = ["NoDefense", "RandomNoise", "ReverseSigmoid", "DCP", "AdaptiveMisinformation",
+__all__ = ["NoDefense", "RandomNoise", "ReverseSigmoid", "DCP", "AdaptiveMisinformation", "CLAMPS",
            "reverse_sigmoid", "dcp_perturb", "am_mix", "confidence_gate"]
 
 _P_CLAMP = 1e-12
+#: How the inverse sigmoid ``log(y / (1 - y))`` is guarded (see :func:`reverse_sigmoid`).
+CLAMPS = ("odds", "none", "p")
 
 
-def _logit(p: Tensor) -> Tensor:
-    p = p.clamp(_P_CLAMP, 1 - _P_CLAMP)
-    return torch.log(p) - torch.log1p(-p)
+def _inv_sigmoid(p: Tensor, clamp: str) -> Tensor:
+    """``log(p / (1 - p))`` under the ``clamp`` convention (``CLAMPS``)."""
+    if clamp == "odds":  # Mazeika's and Khaled's code: the odds clamped into [1e-12, 1 - 1e-12]
+        return torch.log(torch.clamp(p / (1 - p), min=_P_CLAMP, max=1 - _P_CLAMP))
+    if clamp == "none":  # Orekondy's code: exact; p = 0 -> -inf, p = 1 -> +inf
+        return torch.log(p / (1 - p))
+    if clamp == "p":  # this project before issue 14: p clamped into [1e-12, 1 - 1e-12]
+        p = p.clamp(_P_CLAMP, 1 - _P_CLAMP)
+        return torch.log(p) - torch.log1p(-p)
+    raise ValueError(f"unknown clamp {clamp!r}; valid: {', '.join(CLAMPS)}")
 
 
-def reverse_sigmoid(y: Tensor, beta: float, gamma: float) -> Tensor:
+def _reverse_sigmoid_r(y: Tensor, beta: float, gamma: float, clamp: str) -> Tensor:
+    """Lee et al.'s Eq. 3, ``r(y) = beta * (sigmoid(gamma * logit(y)) - 0.5)``."""
+    if gamma == 0:  # sigmoid(0) - 0.5 = 0 (and 0 * inf would be nan under clamp "none")
+        return torch.zeros_like(y)
+    return beta * (torch.sigmoid(gamma * _inv_sigmoid(y, clamp)) - 0.5)
+
+
+def reverse_sigmoid(y: Tensor, beta: float, gamma: float, clamp: str = "odds") -> Tensor:
     """Lee et al., "Defending against NN model stealing attacks using deceptive perturbations"
-    (IEEE S&P Workshops'19), Eq. 3-4 as in Orekondy's ``bb_reversesigmoid.py``:
+    (IEEE S&P Workshops'19), Eq. 3-4:
 
     ``r(y) = beta * (sigmoid(gamma * logit(y)) - 0.5)``, ``y~ = alpha * (y - r(y))`` with
-    ``alpha`` the sum-to-1 normaliser. For ``beta > 1`` ``y - r(y)`` can go negative; those
-    entries are clamped to 0 before normalising (ours: the output must be a distribution).
+    ``alpha`` the sum-to-1 normaliser. ``clamp`` picks how ``logit(y) = log(y / (1 - y))``
+    is guarded, i.e. which reference is reproduced:
+
+    * ``odds`` (default): mmazeika/model-stealing-defenses ``defenses.py:method_reverse_sigmoid``
+      (copied by KacemKhaled/defending-extraction @a343cf3a ``df/defenses.py``) clamps the
+      odds ``y / (1 - y)`` into ``[1e-12, 1 - 1e-12]``: every entry >= 0.5 has logit ~0,
+      r = 0, and is left as it is before normalising;
+    * ``none``: tribhuvanesh/prediction-poisoning @ce041492
+      ``defenses/victim/bb_reversesigmoid.py:ReverseSigmoid.reverse_sigmoid``, no clamp (an
+      exact 0 gives r = -beta/2, an exact 1 gives r = beta/2);
+    * ``p``: this project before issue 14 (``y`` clamped into ``[1e-12, 1 - 1e-12]``), kept
+      to reproduce figures measured with it; not a reference.
+
+    Departure (all conventions): for ``beta > 1`` ``y - r(y)`` can go negative; those entries
+    are clamped to 0 before normalising (the references return them negative; an answer
+    here must be a distribution). The argmax is not kept by construction: ``y - r(y)`` is
+    not monotone in ``y`` (an entry near 0 is raised by up to ``beta / 2``), so on
+    low-confidence rows a near-zero entry can overtake the top one (tests/test_fidelity.py).
     """
-    r = beta * (torch.sigmoid(gamma * _logit(y)) - 0.5)
-    return renormalise(y - r, y)
+    return renormalise(y - _reverse_sigmoid_r(y, beta, gamma, clamp), y)
 
 
 def confidence_gate(y: Tensor, tau: float, nu: float) -> Tensor:
@@ -50,24 +81,30 @@ def confidence_gate(y: Tensor, tau: float, nu: float) -> Tensor:
     return torch.sigmoid(-nu * (y.max(dim=1).values - tau))
 
 
-def dcp_perturb(y: Tensor, beta: float, gamma: float, nu: float) -> Tensor:
+def dcp_perturb(y: Tensor, beta: float, gamma: float, nu: float, clamp: str = "odds") -> Tensor:
     """DCP, Khaled et al., "Efficient Defense Against Model Stealing Attacks on Convolutional
-    Neural Networks" (ICMLA'23, arXiv:2309.01838), ``method_dcp`` of KacemKhaled/defending-extraction:
+    Neural Networks" (ICMLA'23, arXiv:2309.01838), KacemKhaled/defending-extraction @a343cf3a
+    ``df/defenses.py:method_dcp``:
 
     ``alpha = 1 / (1 + exp(nu (max y - beta)))``, ``r = beta (sigmoid(gamma logit y) - 0.5)``,
     ``y~ = normalise(y - alpha r)``: the reverse-sigmoid perturbation applied only to
     queries whose top probability is below ``beta`` (``beta`` is both the confidence
     threshold and the perturbation scale, as in the official code). Training-free: no model
-    besides the victim. Negative entries (``beta > 1``) are clamped to 0 (ours).
+    besides the victim. ``clamp`` guards ``logit y`` as in :func:`reverse_sigmoid`; the
+    default ``odds`` is the official code's, so entries >= 0.5 are left as they are (e.g.
+    ``[.7, .2, .1]`` at beta .9, gamma 1 -> ``[.429, .288, .282]``). Negative entries
+    (``beta > 1``) are clamped to 0 (ours; the official code returns them).
     """
     alpha = confidence_gate(y, beta, nu)[:, None]
-    r = beta * (torch.sigmoid(gamma * _logit(y)) - 0.5)
-    return renormalise(y - alpha * r, y)
+    return renormalise(y - alpha * _reverse_sigmoid_r(y, beta, gamma, clamp), y)
 
 
 def am_mix(y: Tensor, y_mis: Tensor, score: Tensor, tau: float, nu: float) -> Tensor:
     """Adaptive Misinformation, Kariyappa & Qureshi, CVPR'20, Eq. 6-7:
-    ``alpha = 1 / (1 + exp(nu (S(x) - tau)))``, ``y~ = (1 - alpha) y + alpha y_mis``."""
+    ``alpha = 1 / (1 + exp(nu (S(x) - tau)))``, ``y~ = (1 - alpha) y + alpha y_mis``
+    (sanjaykariyappa/adaptive_misinformation @7123361b ``admis/utils/defense.py:
+    selectiveMisinformation.__call__`` with ``nu = 10000``; mmazeika/model-stealing-defenses
+    ``method_adaptive_misinformation`` with ``nu = 1000``)."""
     alpha = torch.sigmoid(-nu * (score - tau))[:, None]
     return (1 - alpha) * y + alpha * y_mis
 
@@ -140,22 +177,27 @@ class ReverseSigmoid(PosteriorDefenseBase):
         beta: perturbation magnitude (default 0.5; the papers sweep it).
         gamma: sigmoid slope (default 0.1, the default of Mazeika et al.'s and Khaled et
             al.'s code; Orekondy's ``beta = gamma = 1`` maps every posterior to uniform).
+        clamp: ``odds`` (default: Mazeika's / Khaled's code), ``none`` (Orekondy's code) or
+            ``p`` (this project before issue 14); see :func:`reverse_sigmoid`.
 
-    No ε budget; the argmax is not guaranteed (with small ``beta`` it is kept in practice).
+    No ε budget; the argmax is not kept by construction (a near-zero entry of a
+    low-confidence row can overtake it; see :func:`reverse_sigmoid`).
     """
 
     name = "reverse_sigmoid"
 
-    def __init__(self, *, beta: float = 0.5, gamma: float = 0.1) -> None:
+    def __init__(self, *, beta: float = 0.5, gamma: float = 0.1, clamp: str = "odds") -> None:
         super().__init__()
         check_params(self.name, [
             (is_number(beta) and beta >= 0, "beta", beta, "a number >= 0"),
             (is_number(gamma) and gamma >= 0, "gamma", gamma, "a number >= 0"),
+            (clamp in CLAMPS, "clamp", clamp, f"one of {', '.join(CLAMPS)}"),
         ])
-        self._config = {"beta": float(beta), "gamma": float(gamma)}
+        self._config = {"beta": float(beta), "gamma": float(gamma), "clamp": str(clamp)}
 
     def _apply(self, probs: Tensor, user: str, state: dict[str, Any]) -> Tensor:
-        return reverse_sigmoid(probs, self._config["beta"], self._config["gamma"])
+        c = self._config
+        return reverse_sigmoid(probs, c["beta"], c["gamma"], c["clamp"])
 
 
 class DCP(PosteriorDefenseBase):
@@ -166,22 +208,28 @@ class DCP(PosteriorDefenseBase):
         beta: confidence threshold and perturbation scale (default 0.5).
         gamma: sigmoid slope (default 0.1, the official code's default).
         nu: steepness of the gate (default 1000, hard-coded in the official code).
+        clamp: ``odds`` (default: the official code), ``none`` or ``p``; see
+            :func:`reverse_sigmoid`.
+
+    The argmax is not kept by construction (as :class:`ReverseSigmoid`, on the rows the
+    gate lets through).
     """
 
     name = "dcp"
 
-    def __init__(self, *, beta: float = 0.5, gamma: float = 0.1, nu: float = 1000.0) -> None:
+    def __init__(self, *, beta: float = 0.5, gamma: float = 0.1, nu: float = 1000.0, clamp: str = "odds") -> None:
         super().__init__()
         check_params(self.name, [
             (is_number(beta) and beta >= 0, "beta", beta, "a number >= 0"),
             (is_number(gamma) and gamma >= 0, "gamma", gamma, "a number >= 0"),
             (is_number(nu) and nu > 0, "nu", nu, "a number > 0"),
+            (clamp in CLAMPS, "clamp", clamp, f"one of {', '.join(CLAMPS)}"),
         ])
-        self._config = {"beta": float(beta), "gamma": float(gamma), "nu": float(nu)}
+        self._config = {"beta": float(beta), "gamma": float(gamma), "nu": float(nu), "clamp": str(clamp)}
 
     def _apply(self, probs: Tensor, user: str, state: dict[str, Any]) -> Tensor:
         c = self._config
-        return dcp_perturb(probs, c["beta"], c["gamma"], c["nu"])
+        return dcp_perturb(probs, c["beta"], c["gamma"], c["nu"], c["clamp"])
 
 
 class AdaptiveMisinformation(PosteriorDefenseBase):
@@ -196,10 +244,17 @@ class AdaptiveMisinformation(PosteriorDefenseBase):
       we train a second *head* on the victim's frozen penultimate features (simplest faithful
       choice: cost = one victim forward over ``fit_data`` plus ``epochs`` passes of a linear
       layer at fit time, and one victim feature forward per query).
-    * ``nu = 1000`` as in the reference code; ``tau`` is the knob the paper sweeps.
+    * ``nu = 1000`` as Mazeika et al.'s re-implementation (mmazeika/model-stealing-defenses
+      ``defenses.py:method_adaptive_misinformation``, copied by KacemKhaled/defending-extraction
+      @a343cf3a), whose tables we compare with; the authors' own code
+      (sanjaykariyappa/adaptive_misinformation @7123361b ``admis/utils/defense.py:
+      selectiveMisinformation.__call__``, ``1 / (1 + exp(-10000 (delta - max y)))``) uses
+      10000: ``nu=10000`` reproduces it. The two gates differ only for rows whose top
+      probability is within ~0.01 of ``tau``. ``tau`` is the knob the paper sweeps.
 
     Args:
-        tau: OOD threshold on ``S(x)`` (default 0.5). nu: gate steepness (default 1000).
+        tau: OOD threshold on ``S(x)`` (default 0.5). nu: gate steepness (default 1000,
+            Mazeika's; 10000 is Kariyappa's own code).
         epochs, lr: training of the misinformation head (Adam). seed: its initialisation.
     """
 
