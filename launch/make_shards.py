@@ -178,8 +178,8 @@ def make_shards(
         if "val" in splits:
             raise ValueError("--split val would overwrite the ImageNet val set written to OUT_DIR/val; name the split otherwise")
         train = ImageFolderSource.scan(path / "train", image_size=image_size, workers=workers)
+        val, labels_file = _scan_val(path / "val", train.classes, image_size, workers, val_labels)  # before any writing
         result = _write_folder(train, path / "train", out if splits else out / "train", **kw)
-        val, labels_file = _scan_val(path / "val", train.classes, image_size, workers, val_labels)
         result.update(_write_folder(val, path / "val", out / "val", labels_file=labels_file,
                                     **{**kw, "splits": {}}))
         return result
