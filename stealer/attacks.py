@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stealer.augment import augment, batch_generator, keyed_views, normalize
-from stealer.config import ConfigError, choice
+from stealer.config import ConfigError, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice
 from stealer.dist import gather_nograd, gather_sizes, gather_with_grad, is_distributed
 
 __all__ = ["AttackConfig", "Attack", "ATTACKS", "get_attack", "queries_per_image", "StepContext", "steal_step",
@@ -83,16 +83,16 @@ VIEW_RECIPE = "keyed-augment/1"  # stealer.augment.keyed_views with the default 
 @dataclass
 class AttackConfig:
     name: str = "direct"  # direct | head_recreation | stolenencoder | contsteal | rda
-    views: int | None = None  # victim-queried views per image, each one paid (None = the attack's paper default)
-    k: int | None = None  # fresh student augmentations per image per step (stolenencoder 9, rda 5; None = default)
-    lam: float = 9.0  # stolenencoder: weight of the augmented views' term (their lambda_value)
-    temperature: float = 0.07  # contsteal, rda and the head_recreation head's NT-Xent
-    alpha: float = 1.0  # rda: weight of the mismatch-discrimination term
-    beta: float = 1.0  # rda: weight of the amplitude + angle alignment term
-    head_dim: int = 128  # head_recreation: output size of the recreated head
-    head_epochs: int | None = None  # head_recreation: epochs training the head (None = 2 x train.epochs)
-    head_lr: float = 1e-3  # head_recreation: Adam learning rate of the head (their --lrhead)
-    head_weight_decay: float = 1e-4  # head_recreation: Adam weight decay of the head (their --wd)
+    views: PositiveInt | None = None  # victim-queried views per image, each one paid (None = the attack's paper default)
+    k: PositiveInt | None = None  # fresh student augmentations per image per step (stolenencoder 9, rda 5; None = default)
+    lam: NonNegFloat = 9.0  # stolenencoder: weight of the augmented views' term (their lambda_value)
+    temperature: PositiveFloat = 0.07  # contsteal, rda and the head_recreation head's NT-Xent
+    alpha: NonNegFloat = 1.0  # rda: weight of the mismatch-discrimination term
+    beta: NonNegFloat = 1.0  # rda: weight of the amplitude + angle alignment term
+    head_dim: PositiveInt = 128  # head_recreation: output size of the recreated head
+    head_epochs: NonNegInt | None = None  # head_recreation: epochs training the head (None = 2 x train.epochs)
+    head_lr: PositiveFloat = 1e-3  # head_recreation: Adam learning rate of the head (their --lrhead)
+    head_weight_decay: NonNegFloat = 1e-4  # head_recreation: Adam weight decay of the head (their --wd)
 
     def validate(self) -> None:
         choice("attack.name", self.name, ATTACKS)

@@ -8,9 +8,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+
+from stealer.config import ConfigError, Fraction, NonNegFloat, PositiveFloat, Range
 
 __all__ = ["AugmentConfig", "to_float", "normalize", "augment", "batch_generator", "key_generator", "keyed_views"]
 
@@ -19,14 +22,19 @@ __all__ = ["AugmentConfig", "to_float", "normalize", "augment", "batch_generator
 class AugmentConfig:
     """SimSiam-style view parameters (scaled down for small images)."""
 
-    scale_min: float = 0.2
-    scale_max: float = 1.0
-    ratio_min: float = 3 / 4
-    ratio_max: float = 4 / 3
+    scale_min: Annotated[float, Range(gt=0, le=1)] = 0.2  # area fraction of the random crop
+    scale_max: Annotated[float, Range(gt=0, le=1)] = 1.0
+    ratio_min: PositiveFloat = 3 / 4
+    ratio_max: PositiveFloat = 4 / 3
     flip: bool = True
-    brightness: float = 0.4
-    contrast: float = 0.4
-    jitter_p: float = 0.8
+    brightness: NonNegFloat = 0.4
+    contrast: NonNegFloat = 0.4
+    jitter_p: Fraction = 0.8
+
+    def validate(self) -> None:
+        if self.scale_min > self.scale_max or self.ratio_min > self.ratio_max:
+            raise ConfigError(f"augment.scale_min/scale_max={self.scale_min}/{self.scale_max} and ratio_min/ratio_max="
+                              f"{self.ratio_min:g}/{self.ratio_max:g} must be ordered; set each min <= its max")
 
 
 def batch_generator(*parts: int) -> torch.Generator:

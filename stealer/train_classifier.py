@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from stealer.augment import AugmentConfig, augment, batch_generator
-from stealer.config import (Channels, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range, choice,
-                            to_dict)
+from stealer.config import (Channels, Fraction, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range,
+                            choice, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
@@ -52,7 +52,7 @@ class ClassifierTrainConfig:
     image_size: PositiveInt = 32
     channels: Channels = 1
     workers: NonNegInt = 0
-    mean: float = 0.5  # normalisation of images/255, stored in the checkpoint
+    mean: Fraction = 0.5  # normalisation of images/255, stored in the checkpoint
     std: PositiveFloat = 0.25
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale_min=0.5, jitter_p=0.0))
