@@ -1,0 +1,166 @@
+"""Pay once, always: the in-process victim keeps each answer with its charge (one SQLite
+transaction) under an idempotency key, and the query phase reads paid-but-uncached answers back
+instead of buying them again — also after SIGKILLs of 1 and 2 processes (benchmarks/chaos_query.py)."""
+from __future__ import annotations
+
+from conftest import tiny_steal_assets
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {"animal_mnist": {"victim_train": 16, "query": 96, "probe_train": 8, "probe_test": 8},
+         "digits": {"probe_train": 8, "probe_test": 8}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_steal_assets(tmp_path_factory.mktemp("payonce"), SIZES)
+
+
+def _api(victim: Path, ledger_path: Path, budget: int | None = None):
+    from victims.api import VictimAPI
+    from victims.ledger import QueryLedger
+    from victims.simsiam import load_victim_encoder
+
+    ledger = QueryLedger(ledger_path)
+    if budget is not None:
+        ledger.set_budget("attacker", budget)
+    return VictimAPI(load_victim_encoder(victim), ledger)
+
+
+def test_keyed_query_is_paid_once_and_answered_the_same(setup, tmp_path):
+    from victims.ledger import BudgetExceeded, QueryLedger
+
+    _, victim = setup
+    api = _api(victim, tmp_path / "ledger.sqlite", budget=10)
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    calls = []
+    forward = api.encoder.forward
+    api.encoder.forward = lambda t: (calls.append(len(t)), forward(t))[1]
+    a = api.query(x, "attacker", key="k1")
+    assert api.ledger.spent("attacker") == 4 and calls == [4]
+    b = api.query(x, "attacker", key="k1")  # asked again: the kept answer, no charge, no forward
+    assert torch.equal(a, b) and api.ledger.spent("attacker") == 4 and calls == [4]
+    # another process (a resumed run) reads it back from the ledger file alone
+    other = _api(victim, tmp_path / "ledger.sqlite")
+    assert torch.equal(other.answer("attacker", "k1"), a) and other.answer("attacker", "nope") is None
+    with pytest.raises(ValueError, match="'k1'.*another question"):
+        api.query(x.flip(0), "attacker", key="k1")  # same key, other images: refused, nothing charged
+    api.query(x, "attacker", key="k2")
+    with pytest.raises(BudgetExceeded, match="8 of 10 spent"):  # refused before the forward
+        api.query(x, "attacker", key="k3")
+    assert calls == [4, 4] and api.ledger.spent("attacker") == 8
+    assert not QueryLedger(tmp_path / "ledger.sqlite").has_receipt("attacker", "k3")
+    assert api.forget("attacker", ["k1"]) == 1 and api.answer("attacker", "k1") is None
+    assert api.ledger.spent("attacker") == 8  # forgetting keeps the charge
+
+
+def test_ledger_of_an_older_release_is_migrated(tmp_path):
+    from victims.ledger import QueryLedger
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as con:  # the receipts table as released before answers were kept
+        con.execute("CREATE TABLE users (user TEXT PRIMARY KEY, budget INTEGER NULL, spent INTEGER NOT NULL DEFAULT 0)")
+        con.execute("CREATE TABLE receipts (user TEXT NOT NULL, receipt TEXT NOT NULL, images INTEGER NOT NULL, "
+                    "created REAL NOT NULL, PRIMARY KEY (user, receipt))")
+        con.execute("INSERT INTO users VALUES ('a', 100, 7)")
+        con.execute("INSERT INTO receipts VALUES ('a', 'old', 7, 0.0)")
+    ledger = QueryLedger(path)
+    assert ledger.spent("a") == 7 and ledger.charge("a", 7, receipt="old") == 7
+    assert ledger.charge_answer("a", 2, "new", "fp", b"answer") == b"answer" and ledger.spent("a") == 9
+    assert ledger.charge_answer("a", 2, "new", "fp", b"other") == b"answer" and ledger.spent("a") == 9
+    with pytest.raises(ValueError, match="without keeping its answer"):
+        ledger.answer("a", "old")
+
+
+def _cfg(root: Path, victim: Path, out: Path, name: str, *extra: str):
+    from stealer.config import load_config
+    from stealer.steal import StealConfig
+
+    return load_config(StealConfig, None, [f"out_dir={out}", f"name={name}", f"victim.checkpoint={victim}",
+                                           f"data.query={root}/data/animal_mnist/query", "data.image_size=16",
+                                           "query.batch_size=16", "victim.budget=96", *extra])
+
+
+def _cache_files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "cache").glob("resp-*"))}
+
+
+@pytest.mark.parametrize("attack", ["direct", "contsteal"])
+def test_answers_paid_but_not_cached_are_read_back_not_bought(setup, tmp_path, monkeypatch, attack):
+    """The window the SIGKILLs hit, made deterministic: batch 3's charge commits, its cache write
+    never happens (the process 'dies'); the rerun buys nothing twice and the cache is byte-equal."""
+    import stealer.steal as steal
+    from launch.common import build_victim_api
+    from stealer.steal import run_query_phase
+
+    root, victim = setup
+    views = ["attack.name=contsteal", "attack.views=2"] if attack == "contsteal" else []
+    budget = 96 * (2 if views else 1)
+    ref = _cfg(root, victim, tmp_path, "ref", *views, f"victim.budget={budget}")
+    assert run_query_phase(ref, build_victim_api(ref.victim, ref.run_dir), None)["queries_sent"] == budget
+
+    cfg = _cfg(root, victim, tmp_path, "cut", *views, f"victim.budget={budget}")
+    api = build_victim_api(cfg.victim, cfg.run_dir)
+    real = steal._cache_batch
+    written: list[int] = []
+
+    class Died(BaseException):  # not an Exception: nothing on the way may swallow it, like a kill
+        pass
+
+    def dies_at_third(cache, keys, *rest):
+        if len(written) == 2:
+            raise Died()
+        written.append(len(keys))
+        return real(cache, keys, *rest)
+
+    monkeypatch.setattr(steal, "_cache_batch", dies_at_third)
+    with pytest.raises(Died):
+        run_query_phase(cfg, api, None)
+    monkeypatch.setattr(steal, "_cache_batch", real)
+    per = budget // 96
+    paid, cached = api.ledger.spent("attacker"), len(_cache_files(cfg.run_dir)) // 2
+    assert cached == 2 and paid >= 3 * 16 * per  # really partial: batch 3 (at least) paid and not cached
+    intents = json.loads((cfg.run_dir / "cache" / "journal-r000.jsonl").read_text().splitlines()[2])
+    assert api.answer("attacker", intents["batch"]) is not None  # its answer is kept with its charge
+
+    out = run_query_phase(cfg, build_victim_api(cfg.victim, cfg.run_dir), None)  # budget == images: finishes
+    assert out["answers_recovered"] == paid // per - 32 and out["queries_sent"] == budget - paid
+    assert out["ledger_spent"] == budget and out["cached"] == 96  # 0 re-paid
+    assert _cache_files(cfg.run_dir) == _cache_files(ref.run_dir)  # every shard and sidecar byte-equal
+    assert not list((cfg.run_dir / "cache").glob("journal-*"))  # settled: the journal is gone
+    with sqlite3.connect(cfg.run_dir / "victim_state" / "ledger.sqlite") as con:  # and so are the kept answers
+        assert con.execute("SELECT COUNT(*) FROM receipts WHERE answer IS NOT NULL").fetchone()[0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,kills", [(1, 5), (2, 2)])
+def test_chaos_kills_of_the_query_phase_repay_nothing(setup, tmp_path, nproc, kills):
+    """SIGKILLs of the real CLI at random moments of its query phase (5 at 1 process, 2 at 2 processes
+    under torchrun, workers included), each proven by the script (launcher alive before, exit -9
+    after, every worker PID gone, the cache partial), then 0 images re-paid, the ledger == the
+    images (= the budget: every resume finished) and the cache byte-equal to an uninterrupted run's."""
+    root, victim = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chaos_query.py"), "--work", str(tmp_path),
+                        "--data", str(root / "data" / "animal_mnist" / "query"), "--victim", str(victim),
+                        "--images", "96", "--batch", "8", "--kills", str(kills), "--nproc", str(nproc), "--seed", "3"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    row = json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("\n}") + 2])["runs"][str(nproc)]
+    assert row["kills"] == row["kills_proven"] == kills and row["kills_sent"] >= kills, row
+    assert row["images_repaid"] == 0 and row["ledger_spent"] == row["images"] == 96, row
+    assert row["cache_byte_equal"] and row["finished"], row
+    if nproc == 2:  # the workers were found and killed by PID, not only torchrun
+        assert row["workers_killed"] >= 2 * row["kills_sent"], row
+    # every kill shows in the script's log: the launcher exited -9 and its descendants were gone
+    assert r.stderr.count("exit -9") == row["kills_sent"], r.stderr[-3000:]
