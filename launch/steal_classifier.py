@@ -160,7 +160,7 @@ def run_steal(cfg: ClassifierStealConfig, acc: Any, *, api: Any = None, pool: tu
             clone, stats = data_free(api, cache, kind=a.name, budget=cfg.budget, user=user, cfg=a, clone_cfg=cfg.clone,
                                      num_classes=k, channels=channels, image_size=size, accelerator=acc, seed=cfg.seed,
                                      log=say, ckpt_dir=run / "ckpt_datafree", resume=cfg.train.resume,
-                                     ckpt_every=cfg.train.ckpt_every)
+                                     ckpt_every=cfg.train.ckpt_every, resume_force=cfg.train.resume_force)
             if main_proc:
                 save_classifier(clone, clone_path, extra={"attack": a.name, "budget": cfg.budget})
         else:

@@ -167,6 +167,7 @@ class CloneTrainConfig:
     augment: bool = True  # mild crop/flip/jitter of the query images (Knockoff trains with augmentation)
     # auto (the newest checkpoint of this run's clone training, or of DFME/MAZE's loop) | none | a ckpt path
     resume: str = "auto"
+    resume_force: bool = False  # resume even from a checkpoint written with other settings (they are listed)
     # also checkpoint every N clone steps (Knockoff; always at epoch ends) or N DFME/MAZE iterations;
     # 0: Knockoff at epoch ends only, DFME/MAZE at the end only; both also on preemption
     ckpt_every: int = 0
@@ -554,28 +555,16 @@ def _cosine(total: int) -> Callable[[int], float]:
     return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))
 
 
-def _matching_checkpoint(resume: str, ckpt_dir: str | os.PathLike | None, settings: dict[str, Any], what: str,
-                         marker: str, ignore: set[str] = frozenset()) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint ``resume`` names in ``ckpt_dir`` (``auto``: the newest), or None; one-line
-    ValueError when it was written with other ``settings`` or is not a ``what`` checkpoint."""
-    from stealer.ckpt import config_diff, describe_diff, resolve_resume
-
-    found = resolve_resume(resume, ckpt_dir) if ckpt_dir is not None else None
-    if found is not None:
-        path, state = found
-        old = state.get("settings", {})
-        changed = config_diff(old, settings, ignore)
-        if changed or marker not in state:
-            raise ValueError(f"{what} checkpoint {path} was written with other settings "
-                             f"({describe_diff(old, settings, changed[:6]) or f'not a {what} checkpoint'}); "
-                             f"use a new run name (name=...) or train.resume=none to start over")
-    return found
+# the keys a clone / data-free checkpoint may differ in from the run resuming it
+CLONE_MAY_CHANGE = frozenset({"train.resume", "train.resume_force", "train.ckpt_every"})
+DATA_FREE_MAY_CHANGE = frozenset({"attack.query_sets", "attack.batch_size"})  # Knockoff's keys: DFME/MAZE ignore them
+_START_OVER = "use a new run name (name=...), train.resume=none to start over, or train.resume_force=true to resume anyway"
 
 
 def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budget: int, user: str, cfg: AttackConfig,
               clone_cfg: CloneConfig, num_classes: int, channels: int, image_size: int, accelerator: Any,
               seed: int = 0, log: Callable[[str], None] | None = None, ckpt_dir: str | os.PathLike | None = None,
-              resume: str = "auto", ckpt_every: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+              resume: str = "auto", ckpt_every: int = 0, resume_force: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Run DFME (``kind="dfme"``) or MAZE (``"maze"``) under ``budget`` images (all ranks together);
     returns the (unwrapped) clone and statistics. Every rank runs the same number of iterations.
 
@@ -636,49 +625,31 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
 
     replay_x: list[Tensor] = []
     replay_y: list[Tensor] = []
-    from accelerate.utils import gather_object
-
-    from stealer.ckpt import rng_state, save_checkpoint, set_rng_state
     from stealer.config import to_dict
-    from stealer.preempt import Preempted, Preemption
+    from stealer.engine import RunState
 
     settings = {"kind": kind, "attack": to_dict(cfg), "clone": to_dict(clone_cfg), "budget": budget, "seed": seed,
                 "world_size": world, "num_classes": num_classes}
-    start, loss_g, loss_s = 0, float("nan"), float("nan")
-    found = _matching_checkpoint(resume, ckpt_dir, settings, kind, "generator", {"attack.query_sets", "attack.batch_size"})
-    if found is not None:
-        path, state = found
-        raw_g.load_state_dict(state["generator"])
-        raw_s.load_state_dict(state["clone"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_s.load_state_dict(state["opt_s"])
-        sched_g.load_state_dict(state["sched_g"])
-        sched_s.load_state_dict(state["sched_s"])
-        mine = state["ranks"][rank]
-        rng.set_state(mine["gen"])
-        set_rng_state(mine["rng"])
-        if mine.get("bank_x") is not None:
-            replay_x, replay_y = [mine["bank_x"]], [mine["bank_y"]]
-        start = int(state["iteration"])
-        loss_g, loss_s = float(state.get("loss_g", float("nan"))), float(state.get("loss_s", float("nan")))
-        if log is not None:
-            log(f"{kind} resumed from {path} at iteration {start}/{iters}")
+    state = RunState(acc, ckpt_dir, config=settings, may_change=DATA_FREE_MAY_CHANGE, force=resume_force, what=kind,
+                     start_over=_START_OVER, rerun="rerun to resume (train.resume=auto)")
+    state.track(generator=raw_g, clone=raw_s, opt_g=opt_g, opt_s=opt_s, sched_g=sched_g, sched_s=sched_s)
+    state.save_also(lambda: {"iteration": it_done, "loss_g": loss_g, "loss_s": loss_s})
 
-    def checkpoint(done: int) -> None:
+    def per_rank() -> dict[str, Any]:  # this rank's generator and MAZE's replay bank
         bank = (torch.cat(replay_x), torch.cat(replay_y)) if replay_x else (None, None)
-        mine = {"gen": rng.get_state(), "rng": rng_state(), "bank_x": bank[0], "bank_y": bank[1]}
-        ranks = gather_object([mine]) if world > 1 else [mine]
-        if acc.is_main_process:
-            save_checkpoint(ckpt_dir, done, {
-                "generator": raw_g.state_dict(), "clone": raw_s.state_dict(), "opt_g": opt_g.state_dict(),
-                "opt_s": opt_s.state_dict(), "sched_g": sched_g.state_dict(), "sched_s": sched_s.state_dict(),
-                "iteration": done, "ranks": ranks, "settings": settings, "loss_g": loss_g, "loss_s": loss_s})
-        acc.wait_for_everyone()
+        return {"gen": rng.get_state(), "bank_x": bank[0], "bank_y": bank[1]}
 
-    preempt = None
-    if ckpt_dir is not None:
-        preempt = Preemption(Path(ckpt_dir).parent, acc)
-        preempt.clear_stale_flag()
+    start, loss_g, loss_s = 0, float("nan"), float("nan")
+    found = state.resume(resume)
+    if found is not None:
+        rng.set_state(state.mine["gen"])
+        if state.mine.get("bank_x") is not None:
+            replay_x, replay_y = [state.mine["bank_x"]], [state.mine["bank_y"]]
+        start = int(found["iteration"])
+        loss_g, loss_s = float(found.get("loss_g", float("nan"))), float(found.get("loss_s", float("nan")))
+        if log is not None:
+            log(f"{kind} resumed from {state.resumed_from} at iteration {start}/{iters}")
+    it_done = start
     t0 = time.time()
     for it in range(start, iters):
         base_x = None
@@ -716,21 +687,12 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
         if log is not None and (it % max(1, iters // 10) == 0 or it == iters - 1):
             log(f"{kind} iter {it + 1}/{iters}: loss_G {loss_g:.4f} loss_S {loss_s:.4f} spent {cache.spent} "
                 f"({time.time() - t0:.0f}s)")
-        if preempt is None:
-            continue
-        periodic = ckpt_every > 0 and (it + 1) % ckpt_every == 0 and it + 1 < iters
-        if periodic:
-            checkpoint(it + 1)
-        if preempt.should_stop():  # collective: every rank asks after every iteration
-            if not periodic:
-                checkpoint(it + 1)
-            requeued = preempt.requeue()
-            preempt.close()
-            raise Preempted(f"{kind} preempted after iteration {it + 1}/{iters}; checkpoint saved in {ckpt_dir}; "
-                            f"every posterior bought is cached" + ("; SLURM job requeued" if requeued else "; rerun to resume"))
-    if preempt is not None:
-        preempt.close()
-        checkpoint(iters)
+        it_done = it + 1
+        state.step_end(it_done, periodic=ckpt_every > 0 and it_done % ckpt_every == 0 and it_done < iters,
+                       where=f"{kind} preempted after iteration {it_done}/{iters}; every posterior bought is cached",
+                       per_rank=per_rank)
+    state.close()
+    state.save(iters, per_rank=per_rank)
     acc.wait_for_everyone()
     stats = {"spent": cache.spent, "received": cache.received, "iterations": iters, "cost_per_iteration": cost,
              "claimed_per_rank": iters * cost, "directions": m, "nz": nz, "replay_iters": replay_iters,
@@ -754,12 +716,9 @@ def train_clone(cache_dir: str | os.PathLike, *, clone_cfg: CloneConfig, cfg: Cl
     on the same number of processes the result equals an uninterrupted run bitwise. A checkpoint
     written with other clone/training settings or another cache is refused in one line.
     """
-    from accelerate.utils import gather_object
-
-    from stealer.ckpt import rng_state, save_checkpoint, set_rng_state
     from stealer.config import to_dict
+    from stealer.engine import RunState
     from stealer.optim import build_optimizer, build_schedule
-    from stealer.preempt import Preempted, Preemption
 
     acc = accelerator
     rank, world = acc.process_index, acc.num_processes
@@ -777,37 +736,19 @@ def train_clone(cache_dir: str | os.PathLike, *, clone_cfg: CloneConfig, cfg: Cl
         clone.load_state_dict(init.state_dict())
     opt = build_optimizer(cfg.optimizer, clone, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     sched = build_schedule(opt, steps, int(round(cfg.warmup_epochs * per_epoch)))
-    settings = {"clone": to_dict(clone_cfg), "train": {k_: v for k_, v in to_dict(cfg).items() if k_ not in ("resume", "ckpt_every")},
-                "seed": seed, "cache_samples": shards.num_samples, "warm_start": init is not None}
+    settings = {"clone": to_dict(clone_cfg), "train": to_dict(cfg), "seed": seed, "cache_samples": shards.num_samples,
+                "warm_start": init is not None}
+    state = RunState(acc, ckpt_dir, config=settings, may_change=CLONE_MAY_CHANGE, force=cfg.resume_force, what="clone",
+                     start_over=_START_OVER, rerun="rerun to resume (train.resume=auto)", steps_per_epoch=per_epoch)
+    state.track(clone=clone, optimizer=opt, scheduler=sched)
     epoch, start_batch, step = 0, 0, 0
-    found = _matching_checkpoint(cfg.resume, ckpt_dir, settings, "clone", "optimizer")
+    found = state.resume(cfg.resume)
     if found is not None:
-        path, state = found
-        clone.load_state_dict(state["clone"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        if state.get("world_size", world) == world and len(state.get("rng", [])) == world:
-            set_rng_state(state["rng"][rank])
+        epoch, start_batch, step = found["epoch"], found["batch"], found["step"]
         if log is not None:
-            log(f"clone training resumed from {path} at epoch {epoch}, batch {start_batch} (step {step}/{steps})")
+            log(f"clone training resumed from {state.resumed_from} at epoch {epoch}, batch {start_batch} (step {step}/{steps})")
     model, opt = acc.prepare(clone, opt)
     raw = acc.unwrap_model(model)
-
-    def checkpoint(ep: int, nb: int) -> None:
-        if nb >= per_epoch:
-            ep, nb = ep + 1, 0
-        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        if acc.is_main_process:
-            save_checkpoint(ckpt_dir, step, {"clone": raw.state_dict(), "optimizer": opt.state_dict(),
-                                             "scheduler": sched.state_dict(), "epoch": ep, "batch": nb, "step": step,
-                                             "rng": rngs, "world_size": world, "settings": settings})
-        acc.wait_for_everyone()
-
-    preempt = None
-    if ckpt_dir is not None:
-        preempt = Preemption(Path(ckpt_dir).parent, acc)
-        preempt.clear_stale_flag()
     t0, last = time.time(), float("nan")
     model.train()
     try:
@@ -823,36 +764,24 @@ def train_clone(cache_dir: str | os.PathLike, *, clone_cfg: CloneConfig, cfg: Cl
                 sched.step()
                 step += 1
                 last = float(loss.detach())
-                if preempt is None:
-                    continue
-                periodic = cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0
-                if periodic:
-                    checkpoint(epoch, batch["index"] + 1)
-                if preempt.should_stop():  # collective: every rank asks at every step
-                    if not periodic:
-                        checkpoint(epoch, batch["index"] + 1)
-                    requeued = preempt.requeue()
-                    raise Preempted(f"clone training preempted at step {step}/{steps}; checkpoint saved in {ckpt_dir}"
-                                    + ("; SLURM job requeued" if requeued else "; rerun to resume (train.resume=auto)"))
+                state.step_end(step, periodic=cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0,
+                               where=f"clone training preempted at step {step}/{steps}", epoch=epoch,
+                               batch=batch["index"] + 1)
             epoch, start_batch = epoch + 1, 0
-            if preempt is not None and epoch < cfg.epochs:
-                checkpoint(epoch, 0)
+            if epoch < cfg.epochs and state.last_saved_step != step:
+                state.save(step, epoch=epoch, batch=0)
             if log is not None:
                 log(f"clone epoch {epoch}/{cfg.epochs}: loss {last:.4f} ({time.time() - t0:.0f}s)")
     finally:
-        if preempt is not None:
-            preempt.close()
-    if preempt is not None:
-        checkpoint(epoch, 0)
+        state.close()
+    state.save(step, epoch=epoch, batch=0)
     acc.wait_for_everyone()
     return raw.eval(), {"steps": step, "samples": stream.samples_per_epoch, "final_loss": last,
                         "seconds": time.time() - t0}
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic JSON write."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(p)
+    """Atomic JSON write (:func:`stealer.ckpt.atomic_write_json`)."""
+    from stealer.ckpt import atomic_write_json
+
+    atomic_write_json(path, obj)

@@ -42,12 +42,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Optional, Union
 
 from stealer.ckpt import config_diff, describe_diff, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from stealer.preempt import Preempted, Preemption
 
 __all__ = ["RunState"]
+
+PerRank = Optional[Union[dict[str, Any], Callable[[], dict[str, Any]]]]  # see RunState.save
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +163,16 @@ class RunState:
         return state
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, per_rank: dict[str, Any] | None = None, **extra: Any) -> Path | None:
+    def save(self, step: int, per_rank: PerRank = None, **extra: Any) -> Path | None:
         """Checkpoint ``step`` (collective): tracked objects, scaler, every rank's RNG and
-        ``per_rank`` extras, ``extra`` (position: ``epoch``/``batch``; loop extras). With
-        ``steps_per_epoch`` set, ``batch`` past the epoch's end rolls over to the next epoch."""
+        ``per_rank`` extras (a dict, or a function returning one, called only when saving),
+        ``extra`` (position: ``epoch``/``batch``; loop extras). With ``steps_per_epoch`` set,
+        ``batch`` past the epoch's end rolls over to the next epoch."""
         if self.ckpt_dir is None:
             return None
         if self.steps_per_epoch and "batch" in extra and extra["batch"] >= self.steps_per_epoch:
             extra["epoch"], extra["batch"] = extra["epoch"] + 1, 0
-        mine = {"rng": rng_state(), **(per_rank or {})}
+        mine = {"rng": rng_state(), **((per_rank() if callable(per_rank) else per_rank) or {})}
         if self.world > 1:
             from accelerate.utils import gather_object
 
@@ -196,7 +199,7 @@ class RunState:
         """Collective: True on every rank when any rank saw SIGUSR2/SIGTERM or the flag file."""
         return self.preempt is not None and self.preempt.should_stop()
 
-    def step_end(self, step: int, *, periodic: bool, where: str, per_rank: dict[str, Any] | None = None,
+    def step_end(self, step: int, *, periodic: bool, where: str, per_rank: PerRank = None,
                  **extra: Any) -> None:
         """After a step: checkpoint when ``periodic``; on a preemption request checkpoint (once)
         and :meth:`stop`. ``where`` ends the message ("victim training preempted" + " at step 5/9")."""
