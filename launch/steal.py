@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, cfg.run_dir / "config.yaml")
     out: dict = {"world_size": acc.num_processes}
     try:
-        check_inputs(cfg)  # missing shards / checkpoint / too small a budget: one line, before anything is paid
+        # missing shards / checkpoint / too small a budget / train settings these processes refuse: one line, before anything is paid
+        check_inputs(cfg, acc.num_processes, acc.device.type)
         if "query" in cfg.phases:
             t0 = time.time()
             api = build_victim_api(cfg.victim, cfg.run_dir, device=acc.device)

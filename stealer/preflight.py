@@ -9,7 +9,13 @@ any work ``check_inputs(cfg)`` verifies, for a ``StealConfig``:
   is; ``victim.budget`` covers what the steal will send (images x the attack's queries per image);
 * train phase without the query phase: the run's response cache exists;
 * disk: the file system of the run folder has room for the responses still to be cached
-  (:func:`check_disk_space`), so a steal does not pay for answers it then cannot keep.
+  (:func:`check_disk_space`), so a steal does not pay for answers it then cannot keep;
+* settings the train phase would refuse only after the query phase has paid
+  (:func:`check_train_settings`): ``train.sync_bn`` on CPU processes, a ``train.batch_size`` that
+  leaves ``train.drop_last=true`` without a single step.
+
+Ranges of single keys (``train.epochs >= 1`` …) are checked earlier, when the config is built
+(:mod:`stealer.config`).
 
 ``check_probe_inputs(cfg)`` does the same for a probe config (victim, stolen encoders, the
 train/test shard folders of every downstream set). Every failure is a ``FileNotFoundError`` or
@@ -28,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_inputs", "check_probe_inputs", "check_shards", "check_checkpoint", "check_disk_space", "main"]
+__all__ = ["check_inputs", "check_probe_inputs", "check_shards", "check_checkpoint", "check_disk_space",
+           "check_train_settings", "main"]
 
 _DEFAULT_DATASETS = ("animal_mnist", "digits")
 
@@ -118,8 +125,24 @@ def check_disk_space(cfg: Any, images: int, per_image: int, free_bytes: int | No
     return need
 
 
-def check_inputs(cfg: Any) -> dict[str, Any]:
-    """Fail early when a ``StealConfig``'s inputs are missing; returns what was checked (images, queries)."""
+def check_train_settings(cfg: Any, images: int | None, world: int = 1, device_type: str = "cpu") -> None:
+    """Refuse, before the query phase pays, train settings that the train phase would refuse (or run as a
+    no-op) on ``world`` processes of ``device_type`` with ``images`` cached images (None = unknown)."""
+    if "train" not in cfg.phases:
+        return
+    t = cfg.train
+    if getattr(t, "sync_bn", False) and world > 1 and device_type != "cuda":
+        raise ValueError(f"train.sync_bn needs GPUs (DDP refuses SyncBatchNorm on {device_type} modules); "
+                         f"set train.sync_bn=false for {world} {device_type} processes (nothing was paid)")
+    if images is not None and getattr(t, "drop_last", False) and images < t.batch_size * world:
+        raise ValueError(f"train.batch_size={t.batch_size} x {world} process(es) is more than the {images} images, so "
+                         f"train.drop_last=true leaves no step to train; lower train.batch_size or set "
+                         f"train.drop_last=false (nothing was paid)")
+
+
+def check_inputs(cfg: Any, world: int = 1, device_type: str = "cpu") -> dict[str, Any]:
+    """Fail early when a ``StealConfig``'s inputs are missing or its train settings cannot run on ``world``
+    processes of ``device_type``; returns what was checked (images, queries)."""
     out: dict[str, Any] = {}
     if "query" in cfg.phases:
         per_image = 1
@@ -139,10 +162,15 @@ def check_inputs(cfg: Any) -> dict[str, Any]:
         if cfg.victim.budget is not None and need > cfg.victim.budget:
             raise ValueError(f"victim.budget={cfg.victim.budget} is below the {need} queries this steal sends "
                              f"({images} images x {per_image} per image); raise victim.budget or lower query.num_queries")
+        check_train_settings(cfg, images, world, device_type)
         out.update(images=images, queries=need, cache_bytes=check_disk_space(cfg, images, per_image))
-    elif "train" in cfg.phases and not (cfg.run_dir / "cache" / "manifest.json").is_file():
-        raise FileNotFoundError(f"response cache {cfg.run_dir / 'cache'} does not exist; run the query phase first "
-                                f"(phases=[query])")
+    elif "train" in cfg.phases:
+        if not (cfg.run_dir / "cache" / "manifest.json").is_file():
+            raise FileNotFoundError(f"response cache {cfg.run_dir / 'cache'} does not exist; run the query phase first "
+                                    f"(phases=[query])")
+        from stealer.data import open_shards
+
+        check_train_settings(cfg, open_shards(cfg.run_dir / "cache").num_samples, world, device_type)
     return out
 
 

@@ -220,3 +220,25 @@ def test_help_shows_declared_ranges() -> None:
     assert "  train.epochs = 30  (>= 1)" in lines
     assert "  train.momentum = 0.9  (>= 0 and < 1)" in lines
     assert "  data.channels = 1  (one of 1, 3)" in lines
+
+
+# ---------------------------------------------------------------- train settings refused before the query phase pays
+def test_preflight_refuses_train_settings_before_paying(tmp_path: Path) -> None:
+    from conftest import tiny_steal_assets
+    from stealer.config import load_config
+    from stealer.preflight import check_inputs
+    from stealer.steal import StealConfig
+
+    root, victim = tiny_steal_assets(tmp_path, {"animal_mnist": {"victim_train": 8, "query": 40, "probe_train": 8,
+                                                                  "probe_test": 8}, "digits": {"probe_train": 8, "probe_test": 8}})
+    base = [f"out_dir={tmp_path}", "name=s", f"data.query={root}/data/animal_mnist/query", f"victim.checkpoint={victim}",
+            "data.image_size=16"]
+    ok = load_config(StealConfig, None, base + ["train.batch_size=16", "train.drop_last=true"])
+    assert check_inputs(ok, world=2)["images"] == 40  # 2 x 16 <= 40: a step per epoch
+    with pytest.raises(ValueError, match=r"train\.sync_bn needs GPUs .* set train\.sync_bn=false for 2 cpu processes"):
+        check_inputs(load_config(StealConfig, None, base + ["train.sync_bn=true"]), world=2, device_type="cpu")
+    check_inputs(load_config(StealConfig, None, base + ["train.sync_bn=true"]), world=1)  # one process: no sync needed
+    with pytest.raises(ValueError, match=r"train\.batch_size=32 x 2 process\(es\) is more than the 40 images.*"
+                                         r"set train\.drop_last=false"):
+        check_inputs(load_config(StealConfig, None, base + ["train.batch_size=32", "train.drop_last=true"]), world=2)
+    assert not (tmp_path / "s").exists()  # no ledger, no cache: nothing was paid
