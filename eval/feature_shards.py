@@ -151,6 +151,7 @@ def write_feature_shards(
     dtype: str = "float32",
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     decode_size: int | None = None,
+    decoder: Any = None,
 ) -> FeatureShards:
     """Encode the images of ``shard_dir`` into the feature folder ``out_dir`` (collective: call on every rank).
 
@@ -162,6 +163,7 @@ def write_feature_shards(
         dtype: ``float16`` halves the disk; ``float32`` keeps the features exact.
         transform: applied to each uint8 batch before ``encode`` (e.g. the centre crop of the
             linear-evaluation protocol); ``decode_size`` is then the size images are decoded at.
+        decoder: ``bytes -> uint8 [H, W, C]`` replacing the stream's decode (a victim's own geometry).
     Returns the folder (reused without encoding when its manifest matches the request).
     """
     if dtype not in DTYPES:
@@ -171,7 +173,7 @@ def write_feature_shards(
     n = source.num_samples if limit is None else min(int(limit), source.num_samples)
     want = {"format": FORMAT, "source": str(Path(shard_dir).resolve()) if "://" not in shard_dir else shard_dir,
             "num_samples": n, "encoder": encoder, "dtype": dtype, "image_size": image_size,
-            "decode_size": decode_size or image_size}
+            "decode_size": decode_size or image_size, "decoder": type(decoder).__name__ if decoder is not None else ""}
     reuse = _matches(out, want)
     barrier(world)  # every rank decided before rank 0 may start rewriting the folder
     if reuse:
@@ -179,8 +181,9 @@ def write_feature_shards(
     if rank == 0:
         (out / "manifest.json").unlink(missing_ok=True)
     barrier(world)
+    extra = {"decoder": decoder} if decoder is not None else {}
     stream = ShardStream(source, batch_size=batch_size, rank=rank, world=world, shuffle=False, workers=workers,
-                         channels=channels, image_size=decode_size or image_size, limit=limit)
+                         channels=channels, image_size=decode_size or image_size, limit=limit, **extra)
     written: list[dict[str, Any]] = []
     bx: list[np.ndarray] = []
     by: list[np.ndarray] = []

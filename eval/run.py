@@ -14,7 +14,8 @@ from eval.features import extract_features
 from eval.knn import knn_classify
 from eval.metrics import fidelity, prediction_agreement, rank_correlation
 from eval.probe import linear_probe
-from stealer.config import Channels, ConfigError, NonNegInt, PositiveFloat, PositiveInt, choice
+from eval.stream_run import MODES, probe_streamed
+from stealer.config import Channels, ConfigError, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice
 from stealer.student import StolenEncoder, load_student
 
 __all__ = ["ProbeConfig", "run_probe", "parse_set"]
@@ -42,6 +43,21 @@ class ProbeConfig:
     steps: PositiveInt = 300  # optimizer steps of each linear probe
     knn_k: PositiveInt = 20
     lr: PositiveFloat = 0.01
+    # full: features in memory, full-batch logistic regression (the README figures) | stream: features extracted once
+    # into feature shards (<run>/features), minibatch SGD/LARS over them and streamed kNN, memory flat in N, resumable |
+    # lincls: the SimSiam/MoCo v3 linear evaluation (augmented images through the frozen encoder, LARS, 90 epochs,
+    # batch 4096, lr = base_lr x batch / 256, cosine) for comparison with published numbers
+    mode: str = "full"
+    epochs: PositiveInt = 90  # stream / lincls: epochs of the linear head
+    probe_batch_size: PositiveInt = 4096  # stream / lincls: global batch of the head (batch_size is the extraction's)
+    base_lr: PositiveFloat = 0.1  # stream / lincls: lr = base_lr x probe_batch_size / 256
+    optimizer: str = "auto"  # stream / lincls: lars | sgd | auto (lars for lincls, sgd for stream)
+    momentum: Momentum = 0.9
+    weight_decay: NonNegFloat = 0.0
+    feature_dtype: str = "float32"  # stream / lincls feature shards: float32 | float16 (half the disk)
+    shard_rows: PositiveInt = 8192  # rows per feature shard and per shuffle block (the memory bound)
+    ckpt_every: PositiveInt = 100  # stream / lincls: head checkpoint every N steps (and on preemption)
+    resume: str = "auto"  # stream / lincls: auto (continue a stopped head) | none
 
     @property
     def run_dir(self) -> Path:
@@ -50,6 +66,9 @@ class ProbeConfig:
     def validate(self) -> None:
         choice("stolen_features", self.stolen_features, ["output", "backbone"])
         choice("victim_representation", self.victim_representation, ["backbone", "projector"])
+        choice("mode", self.mode, list(MODES))
+        choice("optimizer", self.optimizer, ["auto", "lars", "sgd"])
+        choice("feature_dtype", self.feature_dtype, ["float32", "float16"])
         for s in self.stolen:
             if "=" not in s:
                 raise ConfigError(f"stolen entry '{s}' is not NAME=path/to/student.pt")
@@ -87,6 +106,7 @@ def _student_encoder(model: StolenEncoder, which: str, device: torch.device) -> 
         h = model.preprocess(x)
         return model(h) if which == "output" else model.features(h)
 
+    enc.module, enc.which = model, which  # type: ignore[attr-defined]  # lincls: sanity check; stream: identity
     return enc
 
 
@@ -129,6 +149,14 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
         knn_preds: dict[str, torch.Tensor] = {}
         for enc_name, enc in encoders.items():
             t0 = time.time()
+            if cfg.mode != "full":  # features on disk, streamed head and kNN (eval/stream_run.py)
+                res = probe_streamed(cfg, set_name, enc_name, enc, train_dir, test_dir, acc)
+                test_feats[enc_name] = res.pop("test_x")
+                preds[enc_name] = res.pop("predictions")
+                knn_preds[enc_name] = res["knn"].pop("predictions")
+                res["seconds"], res["n_test"] = time.time() - t0, len(res.pop("test_y"))
+                results[enc_name][set_name] = res
+                continue
             kw = dict(channels=cfg.channels, image_size=cfg.image_size, batch_size=cfg.batch_size,
                       rank=acc.process_index, world=acc.num_processes, device=dev)
             xtr, ytr = extract_features(enc, train_dir, limit=cfg.train_limit, **kw)

@@ -270,3 +270,50 @@ def test_lincls_protocol_trains_head_keeps_backbone_and_honours_knobs(tmp_path):
     with pytest.raises(RuntimeError, match="changed the frozen encoder"):
         lincls_protocol(bad, [bad], str(src), dim=6, num_classes=3, channels=1, image_size=12,
                         settings=StreamSettings(epochs=1, batch_size=16))
+
+
+# ------------------------------------------------------------------------------- launch/probe.py wiring
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from conftest import tiny_steal_assets
+
+    return tiny_steal_assets(tmp_path_factory.mktemp("probe"), {"animal_mnist": {"victim_train": 10, "query": 10,
+                                                                                  "probe_train": 240, "probe_test": 120}})
+
+
+def _launch(root: Path, victim: Path, name: str, *args: str) -> list[dict]:
+    from launch.probe import main
+
+    d = root / "data" / "animal_mnist"
+    main([f"out_dir={root}", f"name={name}", "cpu=true", f"victim={victim}", "random=false", "image_size=16",
+          f"sets=[animal:{d / 'probe_train'}:{d / 'probe_test'}]", "batch_size=50", *args])
+    return [json.loads(line) for line in (root / name / "results.jsonl").read_text().splitlines()]
+
+
+def test_probe_modes_from_the_command_line(assets):
+    root, victim = assets
+    full = {r["probe"]: r for r in _launch(root, victim, "full", "steps=200")}
+    stream = {r["probe"]: r for r in _launch(root, victim, "stream", "mode=stream", "epochs=20", "probe_batch_size=32",
+                                             "shard_rows=64", "ckpt_every=5")}
+    assert stream["linear"]["mode"] == "stream" and stream["linear"]["steps"] == 20 * 8
+    assert stream["linear"]["n_train"] == 240 and stream["linear"]["n_test"] == 120
+    assert full["linear"]["top1"] > 0.2  # 2x chance (10 classes) from a random tiny victim: agreement is informative
+    assert abs(stream["linear"]["top1"] - full["linear"]["top1"]) <= 0.06, (stream["linear"]["top1"], full["linear"]["top1"])
+    assert stream["knn"]["top1"] == full["knn"]["top1"]  # the same features: the streamed kNN is the same classifier
+    feats = root / "stream" / "features" / "animal" / "victim" / "train"
+    m = json.loads((feats / "manifest.json").read_text())
+    assert m["num_samples"] == 240 and [s["count"] for s in m["shards"]] == [64, 64, 64, 48]
+    assert (root / "stream" / "ckpt" / "animal" / "victim" / "latest").is_file()
+    lin = {r["probe"]: r for r in _launch(root, victim, "lincls", "mode=lincls", "epochs=1", "probe_batch_size=64")}
+    assert lin["linear"]["mode"] == "lincls" and lin["linear"]["optimizer"] == "lars" and lin["linear"]["steps"] == 4
+    assert lin["linear"]["lr"] == pytest.approx(0.1 * 64 / 256) and 0.0 <= lin["linear"]["top1"] <= 1.0
+
+
+def test_bad_probe_mode_is_one_line(assets, capsys):
+    root, victim = assets
+    with pytest.raises(SystemExit):
+        _launch(root, victim, "bad", "mode=streaming")
+    err = capsys.readouterr().err.strip()
+    assert "mode" in err and "stream" in err and len(err.splitlines()) == 1
