@@ -35,7 +35,7 @@ from stealer.config import (Channels, ConfigError, Fraction, Momentum, NonNegFlo
                             save_config, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
-from stealer.losses import LOSSES, get_loss
+from stealer.losses import LOSSES, default_temperature, get_loss
 from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
 from stealer.preempt import Preempted, Preemption
 from stealer.student import StolenEncoder, save_student
@@ -124,7 +124,8 @@ class StudentConfig:
 @dataclass
 class TrainConfig:
     loss: str = "infonce"
-    temperature: PositiveFloat = 0.2
+    # None: the loss's own default (stealer.losses.default_temperature: softnn 100, soft_ce 1, every other loss 0.2)
+    temperature: PositiveFloat | None = None
     loss_args: Any = field(default_factory=dict)  # extra keyword arguments of the loss, e.g. {temperature: 100} for softnn
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 256  # per rank
@@ -145,6 +146,10 @@ class TrainConfig:
     ckpt_every: PositiveInt = 200  # steps
     keep: NonNegInt = 2  # checkpoints kept (0 = all)
     log_every: PositiveInt = 10
+
+    def __post_init__(self) -> None:
+        if self.temperature is None and self.loss in LOSSES:
+            self.temperature = default_temperature(self.loss)
 
     def validate(self) -> None:
         choice("train.loss", self.loss, LOSSES)

@@ -291,3 +291,20 @@ def test_b4b_noise_index(noise_index: str) -> None:
     assert d2.noise_std("u") == pytest.approx(d.noise_std("u"))
     with pytest.raises(ValueError, match=r"^b4b: noise_index must be one of after, half; got 'i//2'$"):
         B4B(noise_index="i//2")
+
+
+def test_train_loss_gets_its_reference_temperature_without_extra_arguments() -> None:
+    from stealer.config import load_config
+    from stealer.losses import get_loss
+    from stealer.steal import StealConfig
+
+    g = torch.Generator().manual_seed(4)
+    s, t = 5 * torch.randn(6, 4, generator=g), 5 * torch.randn(6, 4, generator=g)
+    for loss, temp in (("softnn", 100.0), ("soft_ce", 1.0), ("infonce", 0.2), ("infonce_sym", 0.2), ("mse", 0.2)):
+        cfg = load_config(StealConfig, None, [f"train.loss={loss}"])
+        assert cfg.train.temperature == temp
+        # what the training step passes to the loss (stealer.attacks.steal_step)
+        got = get_loss(cfg.train.loss)(s, t, **{"temperature": cfg.train.temperature, **cfg.train.loss_args})
+        assert got.item() == pytest.approx(get_loss(loss)(s, t, temperature=temp).item(), rel=1e-6)
+    assert load_config(StealConfig, None, ["train.loss=softnn", "train.temperature=7"]).train.temperature == 7.0
+    assert load_config(StealConfig, "launch/configs/demo.yaml").train.loss == "infonce_sym"
