@@ -39,14 +39,22 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error:`` line naming the fix (``--help``), exit 2, like every
+    other user error of the entry points."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        fail(f"{message}; see {self.prog} --help")
+
+
 def parse_job_args(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
     """``--config FILE [--resume auto|none|PATH] key=value ...`` → a validated config object."""
     from stealer.config import ConfigError, load_config
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override any with key=value):\n" + "\n".join(config_help(cls)),
+        epilog="config keys (override any with key=value; allowed values in parentheses):\n" + "\n".join(config_help(cls)),
     )
     p.add_argument("--config", help="YAML file of config keys (see launch/configs/)")
     p.add_argument("--resume", help="auto (newest valid checkpoint of this run), none, or a checkpoint path")

@@ -242,3 +242,8 @@ def test_preflight_refuses_train_settings_before_paying(tmp_path: Path) -> None:
                                          r"set train\.drop_last=false"):
         check_inputs(load_config(StealConfig, None, base + ["train.batch_size=32", "train.drop_last=true"]), world=2)
     assert not (tmp_path / "s").exists()  # no ledger, no cache: nothing was paid
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    one_error_line(run_main("steal.py", ["--resume"], capsys), "--resume", "expected one argument", "see steal.py --help")
+    one_error_line(run_main("probe.py", ["--bogus"], capsys), "unrecognized arguments: --bogus")
