@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conftest import free_port, tiny_steal_assets
 
+import importlib.util
 import json
 import os
 import signal
@@ -55,6 +56,14 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
     raise TimeoutError(f"step {step} not reached")
 
 
+def _proc_tools():
+    """benchmarks/chaos_query.py's process helpers: descendants via /proc, kill_tree by PID, alive."""
+    spec = importlib.util.spec_from_file_location("chaos_query", REPO / "benchmarks" / "chaos_query.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _spent(run: Path) -> int:
     with sqlite3.connect(run / "victim_state" / "ledger.sqlite") as con:
         return con.execute("SELECT spent FROM users WHERE user='attacker'").fetchone()[0]
@@ -78,14 +87,23 @@ def test_sigkill_and_preemption_resume_bitwise(setup, nproc):
     subprocess.run(_cmd(root, victim, ref, nproc), env=_env(), check=True, capture_output=True, timeout=600)
     steps = json.loads((root / ref / "steal.json").read_text())["train"]["steps"]
 
-    # 1) SIGKILL the whole process group after step 5 (checkpoint at step 3), then resume
+    # 1) SIGKILL the launcher and every worker by PID after step 5 (checkpoint at step 3), then resume
+    #    (torchrun starts its workers in sessions of their own: killing its process group missed them,
+    #    they finished training and the resume had nothing to do)
     killed = f"kill{nproc}"
     p = subprocess.Popen(_cmd(root, victim, killed, nproc), env=_env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for_step(root / killed, 5, p)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not (root / killed / "student.pt").exists()
+    proc = _proc_tools()
+    workers = [w for w in proc.descendants(p.pid) if proc.alive(w)]
+    assert p.poll() is None and len(workers) >= (nproc if nproc > 1 else 0), workers  # alive mid-run
+    gone = proc.kill_tree(p)  # SIGKILL by PID, then asserts every one is gone
+    assert p.returncode == -signal.SIGKILL and set(workers) <= set(gone)
+    assert not any(proc.alive(w) for w in workers)
+    last = json.loads((root / killed / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert 5 <= last < steps and not (root / killed / "student.pt").exists()  # the run had not finished
+    time.sleep(1.0)
+    assert not (root / killed / "student.pt").exists()  # and nothing kept training it behind our back
     r = subprocess.run(_cmd(root, victim, killed, nproc) + ["--resume", "auto"], env=_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
