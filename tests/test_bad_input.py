@@ -245,5 +245,5 @@ def test_preflight_refuses_train_settings_before_paying(tmp_path: Path) -> None:
 
 
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    one_error_line(run_main("steal.py", ["--resume"], capsys), "--resume", "expected one argument", "see steal.py --help")
+    one_error_line(run_main("steal.py", ["--resume"], capsys), "--resume", "expected one argument", "--help")
     one_error_line(run_main("probe.py", ["--bogus"], capsys), "unrecognized arguments: --bogus")
