@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,65 @@ def test_quantized_victim_benchmark(tmp_path):
     assert lat["fp32"] > 0 and lat["int8"] > 0 and lat["int8_over_fp32"] == pytest.approx(lat["int8"] / lat["fp32"])
     assert set(out["query_latency_ms_per_image"]) == {"none", "dcp", "mad", "mad_reference_autograd"}
     assert out["mad_over_dcp"]["closed_form"] > 0
+
+
+GPU_SUITE_ROWS = ["online_step", "cached_step", "query_phase", "loader_cpu", "loader_device", "compile", "memory_256",
+                  "max_batch", "multi_gpu"]
+
+
+def test_gpu_suite_tiny_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.py at --tiny size on the CPU: every row is measured on both sides
+    (positive numbers, the ratio is theirs) or names why it was skipped -- here only the
+    CUDA-only rows; the multi-GPU row runs its torchrun path with 2 CPU processes."""
+    _stdout("gpu_suite.py", "--tiny", "--cpu", "--ddp-procs", "2", "--out", str(tmp_path), timeout=240)
+    res = json.loads((tmp_path / "suite.json").read_text())
+    rows = res["rows"]
+    assert list(rows) == GPU_SUITE_ROWS and res["tiny"] is True
+    skipped = {name for name, r in rows.items() if r["skip"]}
+    assert skipped == {"compile", "memory_256", "max_batch"}, {n: rows[n]["skip"] for n in skipped}
+    assert "CPU" in rows["compile"]["skip"] and "CUDA only" in rows["memory_256"]["skip"]
+    for name, r in rows.items():
+        if name in skipped:
+            assert r["ratio"] is None and not r["measured"]
+            continue
+        assert len(r["measured"]) >= 2 and all(v > 0 for v in r["measured"].values()), (name, r)
+        assert r["ratio"] > 0, name
+    m = {n: rows[n]["measured"] for n in rows}
+    assert rows["cached_step"]["ratio"] == pytest.approx(m["cached_step"]["cached_step_s"] / m["cached_step"]["plain_step_s"], rel=1e-3)
+    assert rows["online_step"]["ratio"] == pytest.approx(m["online_step"]["online_step_s"] / m["online_step"]["plain_step_s"], rel=1e-3)
+    assert rows["query_phase"]["ratio"] == pytest.approx(
+        m["query_phase"]["query_phase_img_s"] / m["query_phase"]["plain_inference_img_s"], rel=1e-3)
+    for name in ("loader_cpu", "loader_device"):
+        assert m[name]["step_img_s"] == m["cached_step"]["cached_img_s"]  # the same run's step is the baseline
+    assert m["multi_gpu"]["processes"] == 2 and m["multi_gpu"]["one_img_s"] == m["cached_step"]["cached_img_s"]
+    md = (tmp_path / "suite.md").read_text()
+    assert all(r["label"] in md for r in rows.values()) and md.count("skipped:") == 3
+
+
+def test_gpu_suite_budget_guard(monkeypatch):
+    """Past the time budget the suite starts no section, and every row says so; a timed loop
+    stops at its cap (a 50 ms call, 100 asked, 0.25 s cap)."""
+    import argparse
+    import time
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_suite
+
+    calls = []
+
+    def slow() -> None:
+        calls.append(1)
+        time.sleep(0.05)
+
+    per_call, timed = gpu_suite.timed_steps(slow, 100, 0, lambda: None, 0.25)
+    assert 1 <= timed < 100 and len(calls) == timed and per_call == pytest.approx(0.05, abs=0.04)
+
+    a = argparse.Namespace(tiny=True, cpu=True, budget=480.0, batch=None, steps=None, warmup=None, queries=None,
+                           workers=None, compile=False, ddp_procs=None, cpu_precision="no", child_ddp=None)
+    suite = gpu_suite.Suite(a)
+    monkeypatch.setattr(suite.budget, "left", lambda: 10.0)  # as if 470 of the 480 s were spent
+    res = suite.run()
+    assert list(res["rows"]) == GPU_SUITE_ROWS
+    assert all(r["skip"] == "out of time (budget 480 s)" for r in res["rows"].values()), res["rows"]
+    assert "skipped: out of time" in gpu_suite.markdown(res)
+    shutil.rmtree(suite.tmp)
