@@ -308,3 +308,19 @@ def test_train_loss_gets_its_reference_temperature_without_extra_arguments() -> 
         assert got.item() == pytest.approx(get_loss(loss)(s, t, temperature=temp).item(), rel=1e-6)
     assert load_config(StealConfig, None, ["train.loss=softnn", "train.temperature=7"]).train.temperature == 7.0
     assert load_config(StealConfig, "launch/configs/demo.yaml").train.loss == "infonce_sym"
+
+
+def test_docs_fidelity_has_a_row_per_registered_method() -> None:
+    from pathlib import Path
+
+    from stealer import classifier_attacks
+    from stealer.attacks import ATTACKS
+    from victims.defenses import DEFENSES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "fidelity.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")}
+    registered = set(LOSSES) | set(ATTACKS) | set(DEFENSES) | set(POSTERIOR_DEFENSES)
+    assert registered <= rows, sorted(registered - rows)
+    assert {"repeat_average", "coverage_control", "sybils"} <= rows
+    for name in classifier_attacks.ATTACKS:  # named in the classifier-attacks paragraph
+        assert f"`{name}`" in doc, name
