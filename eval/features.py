@@ -1,7 +1,7 @@
 """Frozen-encoder features, extracted sharded over ranks and gathered in dataset order."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -24,15 +24,18 @@ def extract_features(
     device: torch.device | str = "cpu",
     workers: int = 0,
     limit: int | None = None,
+    decoder: Callable[[bytes], Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encode(uint8 images) -> [N, D]`` over a shard folder; every rank gets all features.
 
     Each rank reads its contiguous part of the (unshuffled) set; the gather concatenates in
     rank order, so row i is sample i of the folder on every rank. Returns float32 features and
-    int64 labels, on CPU. ``limit`` keeps only the first N samples of the folder.
+    int64 labels, on CPU. ``limit`` keeps only the first N samples of the folder. ``decoder``
+    (``bytes -> uint8 [H, W, C]``) replaces the stream's decode at ``image_size``: a victim's exact
+    resize/crop (``VictimEncoder.decoder()``), so its features are those of its own eval transform.
     """
     stream = ShardStream(open_shards(shard_dir), batch_size=batch_size, rank=rank, world=world, shuffle=False,
-                         workers=workers, channels=channels, image_size=image_size, limit=limit)
+                         workers=workers, channels=channels, image_size=image_size, limit=limit, decoder=decoder)
     feats, labels = [], []
     for batch in stream.iter_epoch(0):
         x = batch["image"].to(device)

@@ -15,7 +15,8 @@ from eval.knn import knn_classify
 from eval.metrics import fidelity, prediction_agreement, rank_correlation
 from eval.probe import linear_probe
 from eval.stream_run import MODES, probe_streamed
-from stealer.config import Channels, ConfigError, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice
+from stealer.config import (Channels, ConfigError, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt,
+                            check_victim_preprocess, choice)
 from stealer.student import StolenEncoder, load_student
 
 __all__ = ["ProbeConfig", "run_probe", "parse_set"]
@@ -29,6 +30,16 @@ class ProbeConfig:
     cpu: bool = False
     victim: str = "runs/demo/victim/checkpoint.pth.tar"  # '' = no victim row
     victim_representation: str = "backbone"
+    # how the victim reads images (as victim.preprocess of the steal config): auto (the checkpoint's own record, else
+    # ImageNet's Resize 256 + CenterCrop 224 + ImageNet mean/std) | imagenet | simsiam | mocov3 | simclr | project | none;
+    # the victim_mean/std/resize/crop/interpolation keys override the preset. The victim's probe images are decoded
+    # with its geometry (exactly torchvision's); stolen encoders read them at image_size as before.
+    victim_preprocess: str = "auto"
+    victim_mean: list[float] | float | None = None
+    victim_std: list[float] | float | None = None
+    victim_resize: NonNegInt | None = None  # 0 = no resize
+    victim_crop: NonNegInt | None = None  # 0 = no crop
+    victim_interpolation: str = ""  # '' = the preset's
     stolen: list[str] = field(default_factory=list)  # NAME=path/to/student.pt ...
     random: bool = True  # add random-init encoders of the first stolen encoder's architecture
     random_seeds: PositiveInt = 5  # how many random inits; 'random' reports their mean (min/max kept)
@@ -69,6 +80,7 @@ class ProbeConfig:
         choice("mode", self.mode, list(MODES))
         choice("optimizer", self.optimizer, ["auto", "lars", "sgd"])
         choice("feature_dtype", self.feature_dtype, ["float32", "float16"])
+        check_victim_preprocess("victim_", self.victim_preprocess, self.victim_interpolation, self.victim_mean, self.victim_std)
         for s in self.stolen:
             if "=" not in s:
                 raise ConfigError(f"stolen entry '{s}' is not NAME=path/to/student.pt")
@@ -110,18 +122,50 @@ def _student_encoder(model: StolenEncoder, which: str, device: torch.device) -> 
     return enc
 
 
+def build_probe_victim(cfg: ProbeConfig, device: Any = "cpu") -> Any:
+    """The probe's victim encoder (a ``VictimEncoder``, preprocessing resolved from the victim_* keys), or None.
+
+    Its probe images are to be decoded with ``victim.decoder()`` (its exact resize/crop; None = the stream's).
+    """
+    from victims.preprocess import preprocess_kwargs
+    from victims.simsiam import load_victim_encoder
+
+    if not cfg.victim:
+        return None
+    return load_victim_encoder(cfg.victim, representation=cfg.victim_representation,
+                               **preprocess_kwargs(cfg, "victim_", "victim_")).to(device)
+
+
+def _save_resolved(cfg: ProbeConfig, victim: Any) -> None:
+    """Rewrite the run's config.yaml with the victim preprocessing the probe resolved (auto → what it used)."""
+    import dataclasses
+
+    from stealer.config import save_config
+
+    pre = victim.preprocessing
+    if (cfg.run_dir / "config.yaml").is_file():
+        save_config(dataclasses.replace(cfg, victim_preprocess=pre.preset, victim_mean=list(pre.mean),
+                                        victim_std=list(pre.std), victim_resize=pre.resize or 0, victim_crop=pre.crop or 0,
+                                        victim_interpolation=pre.interpolation), cfg.run_dir / "config.yaml")
+
+
 def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
     """Probe every encoder on every set; write ``results.jsonl``; return ``{encoder: {set: metrics}}``."""
-    from victims.simsiam import load_victim_encoder, random_victim
+    from victims.simsiam import random_victim
 
     acc = accelerator
     dev = acc.device
     encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    if cfg.victim:
-        victim = load_victim_encoder(cfg.victim, representation=cfg.victim_representation).to(dev)
+    decoders: dict[str, Any] = {}  # encoder name → its per-image decoder (victims: their exact geometry)
+    victim = build_probe_victim(cfg, dev)
+    if victim is not None:
         encoders["victim"] = victim
+        decoders["victim"] = victim.decoder()
+        if acc.is_main_process:
+            _save_resolved(cfg, victim)
         if cfg.control_teacher:
             encoders["control_teacher"] = random_victim(victim).to(dev)  # what build_victim_api serves
+            decoders["control_teacher"] = decoders["victim"]
     first_meta = None
     for item in cfg.stolen:
         name, path = item.split("=", 1)
@@ -150,7 +194,7 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
         for enc_name, enc in encoders.items():
             t0 = time.time()
             if cfg.mode != "full":  # features on disk, streamed head and kNN (eval/stream_run.py)
-                res = probe_streamed(cfg, set_name, enc_name, enc, train_dir, test_dir, acc)
+                res = probe_streamed(cfg, set_name, enc_name, enc, train_dir, test_dir, acc, decoders.get(enc_name))
                 test_feats[enc_name] = res.pop("test_x")
                 preds[enc_name] = res.pop("predictions")
                 knn_preds[enc_name] = res["knn"].pop("predictions")
@@ -158,7 +202,7 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
                 results[enc_name][set_name] = res
                 continue
             kw = dict(channels=cfg.channels, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                      rank=acc.process_index, world=acc.num_processes, device=dev)
+                      rank=acc.process_index, world=acc.num_processes, device=dev, decoder=decoders.get(enc_name))
             xtr, ytr = extract_features(enc, train_dir, limit=cfg.train_limit, **kw)
             xte, yte = extract_features(enc, test_dir, **kw)
             test_feats[enc_name] = xte

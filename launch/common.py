@@ -125,9 +125,11 @@ def build_victim_api(vcfg: Any, run_dir: str | os.PathLike, device: Any = "cpu")
                           max_retries=vcfg.max_retries, nonce=load_or_create_nonce(Path(run_dir) / "client_nonce"))
     from victims.api import VictimAPI
     from victims.ledger import QueryLedger
+    from victims.preprocess import preprocess_kwargs
     from victims.simsiam import load_victim_encoder, random_victim
 
-    encoder = load_victim_encoder(vcfg.checkpoint, arch=vcfg.arch or None, representation=vcfg.representation)
+    encoder = load_victim_encoder(vcfg.checkpoint, arch=vcfg.arch or None, representation=vcfg.representation,
+                                  **preprocess_kwargs(vcfg, "victim."))
     if vcfg.random_init:
         encoder = random_victim(encoder)
     state = Path(vcfg.state_dir) if vcfg.state_dir else Path(run_dir) / "victim_state"

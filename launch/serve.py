@@ -106,8 +106,31 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, cuda:1)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="the encoder's forward: auto = bf16 on GPUs that have it, fp16 on others, fp32 on the CPU")
+    p.add_argument("--preprocess", default="auto", choices=["auto", "project", "imagenet", "simsiam", "mocov3", "simclr", "none"],
+                   help="how the victim reads images: auto = the checkpoint's own record, else ImageNet's eval transform "
+                        "(Resize 256 + CenterCrop 224 + ImageNet mean/std, as the released SimSiam/MoCo v3/SimCLR); "
+                        "project = the record; none = images / 255 as they come (victims/preprocess.py)")
+    p.add_argument("--mean", type=_float_list("--mean"), default=None, help="per-channel mean on images / 255, e.g. 0.485,0.456,0.406 (overrides the preset)")
+    p.add_argument("--std", type=_float_list("--std"), default=None, help="per-channel std, e.g. 0.229,0.224,0.225 (overrides the preset)")
+    p.add_argument("--resize", type=_number(int, "--resize", lo=0, meaning=" (0 = no resize)"), default=None,
+                   help="shorter side resized to this before the crop (0 = none; overrides the preset)")
+    p.add_argument("--crop", type=_number(int, "--crop", lo=0, meaning=" (0 = none)"), default=None,
+                   help="centre crop (0 = none; overrides the preset)")
+    p.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest"], help="of the resize (default: the preset's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
+
+
+def _float_list(flag: str) -> Any:
+    def parse(text: str) -> list[float]:
+        try:
+            vals = [float(v) for v in text.replace(" ", "").strip("[]").split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be numbers separated by commas (e.g. 0.485,0.456,0.406); got {text!r}") from None
+        if len(vals) not in (1, 3):
+            raise argparse.ArgumentTypeError(f"{flag} takes 1 or 3 values; got {text!r}")
+        return vals
+    return parse
 
 
 def build_app(a: argparse.Namespace) -> Any:
@@ -119,7 +142,10 @@ def build_app(a: argparse.Namespace) -> Any:
     from victims.simsiam import load_victim_encoder, random_victim
 
     keys_db, ledger_db = state_paths(a.state_dir)
-    encoder = load_victim_encoder(a.checkpoint, arch=a.arch or None, representation=a.representation)
+    encoder = load_victim_encoder(a.checkpoint, arch=a.arch or None, representation=a.representation,
+                                  preprocess=getattr(a, "preprocess", "auto"), mean=getattr(a, "mean", None),
+                                  std=getattr(a, "std", None), resize=getattr(a, "resize", None), crop=getattr(a, "crop", None),
+                                  interpolation=getattr(a, "interpolation", None), preprocess_key="--preprocess")
     if a.random_init:
         encoder = random_victim(encoder)
     api = VictimAPI(encoder, QueryLedger(ledger_db), defenses=build_defenses(a.defense), device=a.device,
@@ -146,7 +172,8 @@ def serve(argv: Sequence[str]) -> None:
     desc = app.state.service.api.describe()
     users = list_users(Path(a.state_dir) / "server.sqlite")
     print(f"serving {desc['arch']} ({desc['representation']}, dim {desc['out_dim']}) with "
-          f"{len(a.defense)} defense(s) on http://{a.host}:{a.port}; state in {a.state_dir}; "
+          f"{len(a.defense)} defense(s) on http://{a.host}:{a.port}; preprocessing "
+          f"{app.state.service.api.encoder.preprocessing.describe()}; state in {a.state_dir}; "
           f"{sum(1 for n in users.values() if n)} user(s) with keys", flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, workers=1)
 

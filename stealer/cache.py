@@ -39,6 +39,18 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _pre_text(rec: Any) -> str:
+    """A recorded victim preprocessing as one phrase (None: the project's own, from the checkpoint's record)."""
+    if not rec:
+        return "'project' (the checkpoint's own record)"
+    from victims.preprocess import Preprocess
+
+    try:
+        return repr(Preprocess.from_record(rec).describe())
+    except (KeyError, TypeError, ValueError):
+        return repr(rec)
+
+
 class CacheWriteError(OSError):
     """A batch of responses could not be written (full disk, quota); the cache folder is as it was."""
 
@@ -86,6 +98,13 @@ class ResponseCache:
             # a key an older cache did not record is compatible when it is empty/off now
             diff = {k: (old.get(k), v) for k, v in meta.items()
                     if (old[k] != v if k in old else v not in (None, [], {}, False, ""))}
+            if "victim_preprocess" in diff:  # the answers to the same images under other pixels are other answers
+                was, now = diff["victim_preprocess"]
+                raise ValueError(
+                    f"response cache {self.root} holds answers made under victim preprocessing {_pre_text(was)}; this "
+                    f"run's victim uses {_pre_text(now)}; set victim.preprocess/mean/std/resize/crop back, or use a new "
+                    f"run name (name=...) for answers under the new preprocessing"
+                )
             if diff:
                 raise ValueError(
                     f"response cache {self.root} was made with other settings {diff}; use a new run name or delete the cache"

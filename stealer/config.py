@@ -21,7 +21,7 @@ import yaml
 
 __all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice",
            "Range", "OneOf", "constraint_text", "check_value", "PositiveInt", "NonNegInt", "PositiveFloat", "NonNegFloat",
-           "Fraction", "Momentum", "Channels"]
+           "Fraction", "Momentum", "Channels", "check_victim_preprocess"]
 
 T = TypeVar("T")
 
@@ -251,3 +251,19 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(p)
+
+
+def check_victim_preprocess(prefix: str, preset: str, interpolation: str, mean: Any, std: Any) -> None:
+    """The victim-preprocessing keys (``<prefix>preprocess``, ``interpolation``, ``mean``, ``std``) hold known
+    values (presets: :data:`victims.preprocess.PRESET_NAMES`); one-line ConfigError naming the key otherwise."""
+    from victims.preprocess import INTERPOLATIONS, PRESET_NAMES
+
+    choice(f"{prefix}preprocess", preset, PRESET_NAMES)
+    if interpolation:
+        choice(f"{prefix}interpolation", interpolation, INTERPOLATIONS)
+    for name, value in (("mean", mean), ("std", std)):
+        vals = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(vals) not in (0, 1, 3):
+            raise ConfigError(f"{prefix}{name}={value!r} has {len(vals)} values; give 1 or one per channel (3)")
+        if name == "std" and any(v <= 0 for v in vals):
+            raise ConfigError(f"{prefix}std={value!r} must be > 0 per channel (e.g. {prefix}std=[0.229,0.224,0.225])")

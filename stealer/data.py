@@ -194,6 +194,7 @@ class _Spec:
     start_batch: int
     keep_bytes: bool = False
     decode: bool = True  # False: leave decoding to the consumer (data.decode=device), keep the bytes
+    decoder: Any = None  # bytes -> uint8 [H, W, C] replacing decode_image (a victim's exact geometry)
 
 
 def _stream_batches(spec: _Spec, stream: int) -> Iterator[dict[str, Any]]:
@@ -248,11 +249,12 @@ def _stream_batches(spec: _Spec, stream: int) -> Iterator[dict[str, Any]]:
         index = canon[(stream, local)]
         if index < spec.start_batch:
             continue  # resumed: consumed before the interruption (read, never decoded)
-        yield _collate(samples, index, spec.channels, spec.image_size, spec.keep_bytes or not spec.decode, spec.decode)
+        yield _collate(samples, index, spec.channels, spec.image_size, spec.keep_bytes or not spec.decode, spec.decode,
+                       spec.decoder)
 
 
 def _collate(samples: list[dict | None], index: int, channels: int, size: int | None, keep_bytes: bool = False,
-             decode: bool = True) -> dict[str, Any]:
+             decode: bool = True, decoder: Any = None) -> dict[str, Any]:
     images, labels, keys, responses, raw = [], [], [], [], []
     corrupt = 0
     for s in samples:
@@ -263,7 +265,7 @@ def _collate(samples: list[dict | None], index: int, channels: int, size: int | 
         try:
             if ext is None:
                 raise ValueError("no image field")
-            img = decode_image(s[ext], channels, size) if decode else None
+            img = (decoder(s[ext]) if decoder is not None else decode_image(s[ext], channels, size)) if decode else None
             resp = None
             if "npy" in s:
                 resp = torch.from_numpy(np.load(io.BytesIO(s["npy"]), allow_pickle=False).astype(np.float32))
@@ -318,6 +320,8 @@ class ShardStream:
         channels, image_size: decode target (uint8 ``[C, S, S]``).
         limit: use only the first ``limit`` samples of the (permuted) sequence.
         keep_bytes: also return the undecoded ``(ext, bytes)`` of each image (for caches).
+        decoder: picklable ``bytes -> uint8 [H, W, C]`` used instead of :func:`decode_image` (e.g. a
+            victim's exact torchvision Resize + CenterCrop, ``victims.preprocess.ExactDecode``).
         decode_device: decode in the consuming process on this device instead of in the loader
             (``data.decode=device``; :mod:`stealer.device_decode`: nvJPEG on a GPU).
     """
@@ -340,6 +344,7 @@ class ShardStream:
         limit: int | None = None,
         keep_bytes: bool = False,
         decode_device: str | torch.device | None = None,
+        decoder: Any = None,
     ) -> None:
         self.shards, self.batch_size, self.rank, self.world = shards, batch_size, rank, world
         self.decode_device = None if decode_device is None else torch.device(decode_device)
@@ -347,6 +352,10 @@ class ShardStream:
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.channels, self.image_size, self.drop_last, self.pin_memory = channels, image_size, drop_last, pin_memory
         self.keep_bytes = keep_bytes
+        if decoder is not None and self.decode_device is not None:
+            raise ValueError("a per-image decoder (the victim's exact resize/crop) cannot run with data.decode=device; "
+                             "use data.decode=cpu for this stream")
+        self.decoder = decoder
         n = shards.num_samples if limit is None else min(int(limit), shards.num_samples)
         self._sizes = epoch_batches(n, world=world, batch_size=batch_size, drop_last=drop_last)
 
@@ -365,7 +374,7 @@ class ShardStream:
         streams = max(1, self.workers)
         return _Spec(self.shards, self._sizes, order, self.rank, self.world, streams, self.seed, epoch,
                      self.shuffle_buffer, self.channels, self.image_size, start_batch, self.keep_bytes,
-                     self.decode_device is None)
+                     self.decode_device is None, self.decoder)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
         """Yield this rank's batches of ``epoch`` in canonical order, from ``start_batch`` on."""

@@ -22,6 +22,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ import torch
 from stealer.attacks import AttackConfig, StepContext, get_attack, steal_step
 from stealer.cache import ResponseCache
 from stealer.config import (Channels, ConfigError, Fraction, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice,
-                            save_config, to_dict)
+                            check_victim_preprocess, save_config, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.losses import LOSSES, default_temperature, get_loss
@@ -86,9 +87,20 @@ class VictimConfig:
     max_retries: NonNegInt = 8  # HTTP retries (exponential backoff with jitter, honouring Retry-After)
     # the in-process victim's forward: auto (bf16 on GPUs that have it, fp16 on others, fp32 on CPU) | fp32 | bf16 | fp16
     precision: str = "auto"
+    # how the victim reads images: auto (the checkpoint's own sslsteal record, else ImageNet's eval transform
+    # Resize 256 + CenterCrop 224 + ImageNet mean/std, said in one line) | imagenet | simsiam | mocov3 | simclr
+    # (= imagenet) | project (the record) | none (images / 255 as they come). Over HTTP the server decides
+    # (launch/serve.py --preprocess); a declared choice must agree with it. The keys below override the preset.
+    preprocess: str = "auto"
+    mean: list[float] | float | None = None  # per channel, on images / 255
+    std: list[float] | float | None = None
+    resize: NonNegInt | None = None  # shorter side resized to this before the crop (0 = no resize)
+    crop: NonNegInt | None = None  # centre crop (0 = none)
+    interpolation: str = ""  # of the resize: bilinear | bicubic | nearest ('' = the preset's)
 
     def validate(self) -> None:
         choice("victim.representation", self.representation, ["backbone", "projector"])
+        check_victim_preprocess("victim.", self.preprocess, self.interpolation, self.mean, self.std)
         choice("victim.precision", self.precision, ["auto", "fp32", "bf16", "fp16"])
         if self.url and not self.api_key_file:
             raise ConfigError("victim.url is set but victim.api_key_file is not; create a key with python launch/serve.py add-user NAME")
@@ -212,7 +224,12 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     cache = ResponseCache(run / "cache", rank=rank, dtype=cfg.query.dtype)
     shards = open_shards(cfg.data.query)
     desc = victim.describe()
-    meta = {"victim": desc,
+    # the victim's preprocessing (its own declaration, in-process or over HTTP): the query images are decoded
+    # with its geometry, and the cache records it so that answers made under another one never mix in
+    pre_record, decoder = _victim_preprocessing(cfg, desc, _is_main(accelerator))
+    served_preprocess = desc.get("preprocess") or None
+    desc = {k: v for k, v in desc.items() if k != "preprocess"}  # recorded apart, below: older caches stay valid
+    meta = {"victim": desc, "victim_preprocess": pre_record,
             "victim_checkpoint": cfg.victim.url or os.path.abspath(cfg.victim.checkpoint),
             "random_init_victim": cfg.victim.random_init, "defenses": cfg.victim.defenses, "user": cfg.victim.user, "query_set": os.path.abspath(cfg.data.query),
             "out_dim": desc.get("out_dim"), "channels": cfg.data.channels, "image_size": [cfg.data.image_size] * 2,
@@ -227,7 +244,7 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     stream = ShardStream(shards, batch_size=cfg.query.batch_size, rank=rank, world=world, seed=cfg.seed, shuffle=False,
                          workers=cfg.data.workers, channels=cfg.data.channels, image_size=cfg.data.image_size,
                          limit=cfg.query.num_queries, keep_bytes=True,
-                         decode_device=accelerator.device if cfg.data.decode == "device" else None)
+                         decode_device=accelerator.device if cfg.data.decode == "device" else None, decoder=decoder)
     done = cache.done_keys()
     wanted = stream.samples_per_epoch
     user = cfg.victim.user
@@ -296,6 +313,7 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     stats = _sum_over_ranks([sent, corrupt, reused], accelerator)
     out = {"queries_sent": stats[0], "corrupt_skipped": stats[1], "query_set_size": wanted,
            "seconds": time.time() - t0, "attack": attack.name, "queries_per_image": per_image,
+           "victim_preprocess": served_preprocess,
            "answers_recovered": stats[2]}  # paid by a killed run, read back from the victim, not bought again
     if _is_main(accelerator):
         _settle_journal(cache, victim, user)
@@ -367,6 +385,49 @@ def _settle_journal(cache: ResponseCache, victim: Any, user: str) -> None:
     if callable(forget) and settled:
         forget(user, settled)
     cache.rewrite_journal([(b, keys) for b, keys in intents if b not in set(settled)])
+
+
+def _victim_preprocessing(cfg: StealConfig, desc: dict[str, Any], main: bool = True) -> tuple[dict[str, Any] | None, Any]:
+    """The victim's preprocessing record for the cache (None: the project's own, unchanged) and the
+    per-image decoder of the query stream (None: the stream's decode at data.image_size).
+
+    Over HTTP the server decides; victim.preprocess/mean/std/resize/crop/interpolation, when set, must
+    agree with what it serves (one line naming both otherwise). The resolved choice is written into the
+    run's config.yaml and query_phase.json.
+    """
+    from victims.preprocess import Preprocess, cache_record, resolve_preprocess
+
+    rec = desc.get("preprocess")
+    if not rec:  # a server that does not say: its images are decoded as the stream decodes them
+        return None, None
+    pre = Preprocess.from_record(rec)
+    v = cfg.victim
+    declared = v.preprocess != "auto" or any(x not in (None, "") for x in (v.mean, v.std, v.resize, v.crop, v.interpolation))
+    if v.url and declared:
+        record = ({"image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)}
+                  if pre.preset == "project" else None)
+        try:
+            want = resolve_preprocess(v.preprocess, record, channels=len(pre.mean), source=f"the server at {v.url}",
+                                      mean=v.mean, std=v.std, resize=v.resize, crop=v.crop,
+                                      interpolation=v.interpolation or None, quiet=True)
+            same = all(getattr(want, k) == getattr(pre, k) for k in ("resize", "crop", "interpolation")) and all(
+                abs(a - b) < 1e-6 for k in ("mean", "std") for a, b in zip(getattr(want, k), getattr(pre, k)))
+        except ValueError:
+            want, same = None, False
+        if not same:
+            asked = want.describe() if want is not None else f"victim.preprocess={v.preprocess}"
+            raise ValueError(f"victim.preprocess/mean/std/resize/crop ask for {asked} but the server at {v.url} serves "
+                             f"{pre.describe()}; the server decides (launch/serve.py --preprocess ...): drop these keys "
+                             f"or restart the server with them")
+    if main and cfg.run_dir.joinpath("config.yaml").is_file():  # the run's resolved config says what the victim read
+        resolved = dataclasses.replace(cfg, victim=dataclasses.replace(
+            v, preprocess=pre.preset if pre.preset in ("project", "imagenet", "simsiam", "mocov3", "simclr", "none") else v.preprocess,
+            mean=list(pre.mean), std=list(pre.std), resize=pre.resize or 0, crop=pre.crop or 0, interpolation=pre.interpolation))
+        try:
+            save_config(resolved, cfg.run_dir / "config.yaml")
+        except OSError:
+            pass
+    return cache_record(rec), pre.decoder(cfg.data.channels)
 
 
 def _ledger_spent(victim: Any, user: str) -> int | None:

@@ -36,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -55,6 +56,7 @@ __all__ = [
     "ExactDecode",
     "resolve_preprocess",
     "cache_record",
+    "preprocess_kwargs",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -251,7 +253,7 @@ def resolve_preprocess(
     has_record = bool(rec)
     if preset == "auto":
         preset = "project" if has_record else "imagenet"
-        if not has_record and not quiet:
+        if not has_record and not quiet and os.environ.get("RANK", "0") == "0":  # one line, not one per process
             p = PRESETS["imagenet"]
             print(f"note: {source} has no sslsteal record (a released checkpoint?): serving it with ImageNet "
                   f"preprocessing (Resize {p['resize']} + CenterCrop {p['crop']}, mean {list(p['mean'])}, std "
@@ -304,8 +306,23 @@ def cache_record(rec: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """What a response cache records of a victim's preprocessing record (``describe()['preprocess']``).
 
     None for the project's own record unchanged (and for servers too old to say): caches made before
-    preprocessing was recorded were made that way, so they stay valid. Anything else is recorded whole.
+    preprocessing was recorded were made that way, so they stay valid. Anything else is recorded whole,
+    the aliases of the ImageNet transform (simsiam, mocov3, simclr) under ``imagenet``.
     """
     if not rec or (rec.get("preset") == "project" and not rec.get("overrides")):
         return None
-    return dict(rec)
+    out = dict(rec)
+    if PRESETS.get(out.get("preset", "")) is _IMAGENET:  # simsiam, mocov3, simclr: one transform, one name
+        out["preset"] = "imagenet"
+    return out
+
+
+def preprocess_kwargs(cfg: Any, key_prefix: str = "victim.", attr_prefix: str = "") -> dict[str, Any]:
+    """``load_victim_encoder`` preprocessing arguments from a config object's fields ``<attr_prefix>preprocess``,
+    ``mean``, ``std``, ``resize``, ``crop``, ``interpolation``; errors name the keys as ``<key_prefix>preprocess``
+    (the steal config's ``victim.preprocess``, the probe's flat ``victim_preprocess``)."""
+    def get(name: str) -> Any:
+        return getattr(cfg, attr_prefix + name)
+
+    return {"preprocess": get("preprocess"), "mean": get("mean"), "std": get("std"), "resize": get("resize"),
+            "crop": get("crop"), "interpolation": get("interpolation") or None, "preprocess_key": key_prefix + "preprocess"}
