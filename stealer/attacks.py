@@ -16,10 +16,12 @@ Every attack is an entry of ``ATTACKS`` (``attack.name`` in the config) and decl
 Registered:
 
 ``direct``  (Dziedzic et al., "On the Difficulty of Defending Self-Supervised Learning against
-    Model Extraction", ICML 2022, Algorithm 1): one query per image (the raw image); the student
-    matches the response with ``train.loss``. The engine's original path, bit for bit.
+    Model Extraction", ICML 2022, Algorithm 1; cleverhans-lab/ssl-attacks-defenses @1d3874ff
+    ``simclr.py:SimCLR.steal``): one query per image (the raw image); the student matches the
+    response with ``train.loss`` (``infonce`` is their NT-Xent). The engine's original path, bit
+    for bit.
 ``head_recreation``  (same paper, Algorithm 2; followed ``stealhead.py`` of
-    cleverhans-lab/ssl-attacks-defenses): ``views`` (2) augmented views per image are queried
+    cleverhans-lab/ssl-attacks-defenses @1d3874ff): ``views`` (2) augmented views per image are queried
     (``victim.representation``, the backbone by default: 2 queries per image). A head
     ``g = Linear(D, D) -> ReLU -> Linear(D, head_dim)`` (their ``HeadSimCLR``, head_dim 128)
     is first trained on the cached responses alone with NT-Xent between the views (Adam, lr
@@ -32,7 +34,7 @@ Registered:
     views, which is what the pay-once rule demands).
 ``stolenencoder``  (Liu et al., "StolenEncoder: Stealing Pre-trained Encoders in
     Self-supervised Learning", CCS 2022; followed ``code/models/surrogate_model.py`` of
-    liu00222/StolenEncoder): each image is queried once, raw (the cache is interchangeable
+    liu00222/StolenEncoder @e2143164): each image is queried once, raw (the cache is interchangeable
     with ``direct``'s); the loss pulls the student's embedding of the image *and* of ``k``
     fresh augmentations of it toward the single response:
     ``mean_i ||s(x_i) - t_i|| + lam / k * sum_j mean_i ||s(A_j x_i) - t_i||`` on L2-normalised
@@ -42,7 +44,7 @@ Registered:
     forward per step); the paper does not fix the augmentations, their code uses flip + colour
     jitter + grayscale, we use the engine's crop/flip/jitter.
 ``contsteal``  (Sha et al., "Can't Steal? Cont-Steal! Contrastive Stealing Attacks Against
-    Image Encoders", CVPR 2023; loss as reimplemented in ShuchiWu/RDA ``Con-Steal.py``):
+    Image Encoders", CVPR 2023; loss as reimplemented in ShuchiWu/RDA @42110d95 ``Con-Steal.py``):
     ``views`` (1) augmented views per image are queried once; each step pairs the student's
     embedding of a fresh augmentation of image i with one cached victim view of image i
     (positive) against the victim *and* student embeddings of the other images (negatives,
@@ -52,7 +54,7 @@ Registered:
     and the cached view a sample uses is drawn per step. Their reimplementation anchors the
     victim-negatives on the victim row; we anchor both negative sets on the student row.
 ``rda``  (Wu et al., "Refine, Discriminate and Align: Stealing Encoders via Sample-Wise
-    Prototypes and Multi-Relational Extraction", ECCV 2024; followed ShuchiWu/RDA ``RDA.py``):
+    Prototypes and Multi-Relational Extraction", ECCV 2024; followed ShuchiWu/RDA @f943f3f5 ``RDA.py``):
     ``views`` (10, their ``proto_patch``) augmented views of each image are queried once; the
     prototype of image i is the mean of its L2-normalised responses (not renormalised, as theirs).
     Training is query-free: ``k`` (5, their ``query_patch``) fresh augmentations per image per

@@ -1,8 +1,10 @@
 """The attacker's counter-moves against encoder defenses; each fills a normal response cache.
 
 From the adaptive attacks of B4B (Dubiński et al., "Bucks for Buckets (B4B): Active Defenses
-Against Stealing Encoders", NeurIPS'23, code stapaw/b4b-active-encoder-defense: sybil accounts
-and ``train_mapper.py``) and Dziedzic et al., ICML'22 (noise defenses):
+Against Stealing Encoders", NeurIPS'23, code stapaw/b4b-active-encoder-defense @f66dc825: sybil
+accounts in ``end2end-stealing/steal_model.py:train`` and ``end2end-stealing/train_mapper.py``) and
+Dziedzic et al., ICML'22 (noise defenses, cleverhans-lab/ssl-attacks-defenses @1d3874ff). Each
+one's fidelity row is in docs/fidelity.md:
 
 * **repeat-and-average** (:class:`RepeatAverage`): every image is sent ``repeats`` times in one
   request — each copy is charged by the victim — and the answers are averaged, which divides

@@ -1,5 +1,6 @@
 """Output perturbation defenses of Dziedzic et al., ICML'22, "On the Difficulty of Defending
-Self-Supervised Learning against Model Extraction" (code: cleverhans-lab/ssl-attacks-defenses).
+Self-Supervised Learning against Model Extraction" (code: cleverhans-lab/ssl-attacks-defenses
+@1d3874ff; fidelity rows in docs/fidelity.md).
 
 Their ``--defence True`` has two branches (``simclr.py:SimCLR.steal``, ``legitimate.py``):
 

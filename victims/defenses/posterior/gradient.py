@@ -253,7 +253,7 @@ class _SurrogateDefense(PosteriorDefenseBase):
 class MAD(_SurrogateDefense):
     """Prediction poisoning by Maximizing Angular Deviation (Orekondy et al., "Prediction
     Poisoning: Towards Defenses Against DNN Model Stealing Attacks", ICLR'20; code:
-    tribhuvanesh/prediction-poisoning ``bb_mad.py``). See :func:`mad_perturb`.
+    tribhuvanesh/prediction-poisoning @ce041492 ``defenses/victim/bb_mad.py``). See :func:`mad_perturb`.
 
     Args:
         epsilon: budget (default 0.5; the paper sweeps 0.01-2 in L1).
@@ -317,8 +317,9 @@ class MAD(_SurrogateDefense):
 
 
 class GRAD2(_SurrogateDefense):
-    """GRAD² gradient redirection (Mazeika et al., ICML'22; code: mmazeika/model-stealing-defenses,
-    as vendored by KacemKhaled/defending-extraction). Untargeted: the perturbation minimises
+    """GRAD² gradient redirection (Mazeika et al., ICML'22; code: mmazeika/model-stealing-defenses
+    @fa59df45 ``batch_training/defenses.py:method_gradient_redirection``, as vendored by
+    KacemKhaled/defending-extraction @a343cf3a). Untargeted: the perturbation minimises
     the inner product of the attacker's batch gradient with its unperturbed gradient, within
     an L1 ball (see :func:`grad2_direction`, :func:`grad2_perturb`).
 
