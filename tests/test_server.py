@@ -476,6 +476,7 @@ def test_serve_cli_killed_mid_steal_and_restarted(tmp_path, query_shards, capsys
         cfg = _steal_cfg(tmp_path, query_shards, f"victim.checkpoint={ckpt}")
         out = run_query_phase(cfg, victim, accelerator=None)
         assert restarted.is_set() and len(procs) == 2 and victim.retries > 0
+        assert procs[0].returncode == -signal.SIGKILL  # the first server (no child processes) died by the kill
         assert out["queries_sent"] == 64 and out["cached"] == 64
         # the batch whose answer was lost was answered from the persisted idempotency store
         assert victim.usage() == {"user": "attacker", "spent": 64, "budget": 1000, "remaining": 936}
