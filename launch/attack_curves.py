@@ -46,7 +46,9 @@ import yaml  # noqa: E402
 from eval.curves import CurveTable, RecordError, _slug, load_records, plot_table, write_curves  # noqa: E402
 from eval.run import ProbeConfig  # noqa: E402
 from launch.common import fail, parse_job_args  # noqa: E402
-from stealer.config import ConfigError, apply_overrides, choice, load_config, read_yaml_mapping  # noqa: E402
+from stealer.config import (  # noqa: E402
+    ConfigError, Fraction, NonNegInt, PositiveInt, apply_overrides, choice, load_config, read_yaml_mapping
+)
 from stealer.preflight import check_checkpoint, check_inputs, check_probe_inputs, check_shards  # noqa: E402
 from stealer.steal import StealConfig  # noqa: E402
 
@@ -62,9 +64,9 @@ class QuerySpec:
     source: str = ""  # a shard folder; '' = the steal config's data.query; photo_patches = grey crops of sklearn's photos
     strategy: str = "first"  # first (the first images of the source) | random | class_balanced | coverage
     features: str = "pixels"  # coverage: pixels | random_encoder
-    centres: int = 3  # coverage: k-means centres
-    spread: float = 1.0  # coverage: 0 narrow (nearest the centres) .. 1 broad (farthest-point sampling)
-    size: int = 3000  # photo_patches: images made
+    centres: PositiveInt = 3  # coverage: k-means centres
+    spread: Fraction = 1.0  # coverage: 0 narrow (nearest the centres) .. 1 broad (farthest-point sampling)
+    size: PositiveInt = 3000  # photo_patches: images made
 
     def validate(self) -> None:
         choice("queries.strategy", self.strategy, ["first", "random", "class_balanced", "coverage"])
@@ -93,23 +95,23 @@ class AttackRow:
 class CurvesConfig:
     name: str = "curves"
     out_dir: str = "runs/curves"
-    seed: int = 0
+    seed: NonNegInt = 0
     steal_config: str = "launch/configs/demo.yaml"  # every steal starts from it
     steal_args: list[str] = field(default_factory=list)  # key=value for every steal
     probe_config: str = "launch/configs/demo_probe.yaml"
     probe_args: list[str] = field(default_factory=list)  # key=value for every probe
-    budgets: list[int] = field(default_factory=lambda: [250, 500, 1000, 3000])  # victim queries per steal
-    train_steps: int | None = None  # optimisation steps per steal (None = the steal config's epochs)
+    budgets: list[PositiveInt] = field(default_factory=lambda: [250, 500, 1000, 3000])  # victim queries per steal
+    train_steps: PositiveInt | None = None  # optimisation steps per steal (None = the steal config's epochs)
     attacks: list[AttackRow] = field(default_factory=list)
     registry: bool = True  # add a row for every registered attack (stealer/attacks.py) no row names
     registry_args: Any = field(default_factory=dict)  # attack name -> extra key=value for its registry row
     queries: QuerySpec = field(default_factory=QuerySpec)
     data_root: str = "runs/demo/data"  # where photo_patches is made (<data_root>/photo_patches/query)
-    random_seeds: int = 3  # random-init reference encoders (mean reported)
-    probe_chunk: int = 8  # stolen encoders per probe process
+    random_seeds: PositiveInt = 3  # random-init reference encoders (mean reported)
+    probe_chunk: PositiveInt = 8  # stolen encoders per probe process
     per_attack_probes: list[str] = field(default_factory=lambda: ["linear"])  # one PNG per attack for these
     launcher: list[str] = field(default_factory=list)  # command prefix for steal/probe ([] = this python)
-    threads: int | None = None  # OMP_NUM_THREADS of the children (None = inherited)
+    threads: PositiveInt | None = None  # OMP_NUM_THREADS of the children (None = inherited)
     title: str = ""
 
     @property

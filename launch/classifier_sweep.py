@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from launch.common import fail, make_accelerator, parse_job_args  # noqa: E402
-from stealer.config import ConfigError, load_config, save_config, to_dict  # noqa: E402
+from stealer.config import ConfigError, NonNegInt, PositiveInt, load_config, save_config, to_dict  # noqa: E402
 
 __all__ = ["ClassifierSweepConfig", "row_overrides", "measure_latency", "run_sweep", "main"]
 
@@ -54,16 +54,16 @@ DEFAULT_DEFENSES: list[dict[str, Any]] = [
 class ClassifierSweepConfig:
     name: str = "classifier_sweep"
     out_dir: str = "runs/demo"
-    seed: int = 0
+    seed: NonNegInt = 0
     cpu: bool = False
     victim_config: str = "launch/configs/demo_classifier.yaml"  # trains the victim if steal.victim.checkpoint is missing
     steal: Any = field(default_factory=dict)  # ClassifierStealConfig keys for every row (nested or dotted)
     # one entry per defense: {name, param (the budget swept: epsilon | beta | tau), values: [...], params: {...}}
     defenses: list[Any] = field(default_factory=lambda: [dict(d) for d in DEFAULT_DEFENSES])
     include_undefended: bool = True
-    latency_images: int = 256  # batch of posteriors timed for DCP and MAD (closed form)
-    latency_autograd_images: int = 16  # MAD's reference autograd Jacobian is slow: timed on fewer, reported per image
-    latency_repeats: int = 5
+    latency_images: PositiveInt = 256  # batch of posteriors timed for DCP and MAD (closed form)
+    latency_autograd_images: PositiveInt = 16  # MAD's reference autograd Jacobian is slow: timed on fewer, reported per image
+    latency_repeats: PositiveInt = 5
     reuse: bool = True  # reuse rows whose steal_classifier.json records the same config
 
     @property

@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from launch.common import fail, make_accelerator, parse_job_args  # noqa: E402
-from stealer.config import ConfigError, load_config, save_config, to_dict  # noqa: E402
+from stealer.config import (  # noqa: E402
+    Channels, ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveInt, load_config, save_config, to_dict
+)
 
 __all__ = ["DefenseTableConfig", "ATTACKS", "calibrate_similarity_threshold", "run_table", "main"]
 
@@ -54,26 +56,26 @@ WATERMARK = "watermark"
 class ProbeSet:
     train: str = "runs/demo/data/animal_mnist/probe_train"
     test: str = "runs/demo/data/animal_mnist/probe_test"
-    n_train: int | None = 500  # first N training images (None = all)
-    n_test: int | None = None
-    steps: int = 300
+    n_train: PositiveInt | None = 500  # first N training images (None = all)
+    n_test: PositiveInt | None = None
+    steps: PositiveInt = 300
 
 
 @dataclass
 class HonestConfig:
     train: str = "runs/demo/data/digits/probe_train"  # the honest user's downstream task
     test: str = "runs/demo/data/digits/probe_test"
-    n_train: int = 300
-    n_test: int = 200
+    n_train: PositiveInt = 300
+    n_test: PositiveInt = 200
     user: str = "honest"
-    steps: int = 300
+    steps: PositiveInt = 300
 
 
 @dataclass
 class CalibrationConfig:
     data: str = "runs/demo/data/animal_mnist/victim_train"  # the defender's own data
-    n: int = 1500  # a stream as long as the budget
-    quantile: float = 0.99  # share of an in-distribution stream answered, not replaced
+    n: PositiveInt = 1500  # a stream as long as the budget
+    quantile: Fraction = 0.99  # share of an in-distribution stream answered, not replaced
 
 
 @dataclass
@@ -82,31 +84,31 @@ class WatermarkTableConfig:
     victim: str = "runs/defense_table/victim_wm/checkpoint.pth.tar"  # trained here when missing
     victim_config: str = "launch/configs/demo_victim.yaml"
     victim_overrides: list[str] = field(default_factory=lambda: ["seed=1"])  # train_victim key=value
-    alpha: float = 0.01
-    random_nulls: int = 3
-    seed: int = 0
+    alpha: Fraction = 0.01
+    random_nulls: PositiveInt = 3
+    seed: NonNegInt = 0
 
 
 @dataclass
 class AttackConfig:
-    repeats: int = 3  # repeat_average: paid copies per image
-    sybils: int = 3  # sybil accounts
-    overlap: int = 150  # images every sybil asks (to fit the maps)
-    ridge: float = 1e-3
+    repeats: PositiveInt = 3  # repeat_average: paid copies per image
+    sybils: PositiveInt = 3  # sybil accounts
+    overlap: PositiveInt = 150  # images every sybil asks (to fit the maps)
+    ridge: NonNegFloat = 1e-3
     # coverage_control: the attacker queries the narrowest coverage_fraction of its query pool
     # (k-means centres in pixel space, the images nearest to them: query_select spread 0), at
     # most the budget. Querying less and narrower is the move against a coverage-priced defense.
-    coverage_fraction: float = 0.5
-    coverage_spread: float = 0.0
+    coverage_fraction: Fraction = 0.5
+    coverage_spread: Fraction = 0.0
 
 
 @dataclass
 class DefenseTableConfig:
     name: str = "defense_table"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: NonNegInt = 0
     cpu: bool = True
-    budget: int = 1500  # queries per attack (every attack spends exactly this)
+    budget: PositiveInt = 1500  # queries per attack (every attack spends exactly this)
     victim: str = "runs/demo/victim/checkpoint.pth.tar"
     steal_config: str = "launch/configs/demo.yaml"  # the StealConfig every cell starts from
     steal: Any = field(default_factory=dict)  # dotted StealConfig overrides for every cell, e.g. {train.epochs: 6}
@@ -117,8 +119,8 @@ class DefenseTableConfig:
     honest: HonestConfig = field(default_factory=HonestConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     watermark: WatermarkTableConfig = field(default_factory=WatermarkTableConfig)
-    channels: int = 1
-    image_size: int = 32
+    channels: Channels = 1
+    image_size: PositiveInt = 32
 
     @property
     def run_dir(self) -> Path:

@@ -35,7 +35,7 @@ from launch.common import exit_preempted, fail, make_accelerator, parse_job_args
 from stealer.classifier_attacks import (AttackConfig, CloneConfig, CloneTrainConfig, PosteriorCache,  # noqa: E402
                                         build_clone, data_free, knockoff_adaptive, knockoff_random, load_pool,
                                         train_clone, write_json)
-from stealer.config import ConfigError, choice, save_config, to_dict  # noqa: E402
+from stealer.config import ConfigError, NonNegInt, PositiveInt, choice, save_config, to_dict  # noqa: E402
 
 __all__ = ["ClassifierStealConfig", "VictimSection", "EvalSection", "build_posterior_api", "run_steal", "main"]
 
@@ -45,16 +45,16 @@ class VictimSection:
     checkpoint: str = "runs/demo/victim_clf/classifier.pt"  # a victims.classifier checkpoint (train_victim.py --task classify)
     user: str = "attacker"
     state_dir: str = ""  # where the victim keeps its ledger ('' = <run>/victim_state)
-    top_k: int | None = None  # the API returns only the top-k posteriors (renormalised)
-    rounding: int | None = None  # ... rounded to this many decimals
+    top_k: PositiveInt | None = None  # the API returns only the top-k posteriors (renormalised)
+    rounding: NonNegInt | None = None  # ... rounded to this many decimals
     fit_data: str = "runs/demo/data/animal_mnist/victim_train"  # the defender's images for defenses that fit a model
-    fit_limit: int = 2000
+    fit_limit: PositiveInt = 2000
 
 
 @dataclass
 class EvalSection:
     test: str = "runs/demo/data/animal_mnist/probe_test"  # labelled test split
-    limit: int | None = 1000  # first N test images (None = all)
+    limit: PositiveInt | None = 1000  # first N test images (None = all)
     user: str = "defender_eval"  # the defender's own evaluation queries are charged to this user
 
 
@@ -62,10 +62,10 @@ class EvalSection:
 class ClassifierStealConfig:
     name: str = "steal_classifier"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: NonNegInt = 0
     cpu: bool = False
     phases: list[str] = field(default_factory=lambda: ["query", "train", "eval"])
-    budget: int = 1000  # images the victim may see for this attack (finite-difference probes included)
+    budget: PositiveInt = 1000  # images the victim may see for this attack (finite-difference probes included)
     attack: AttackConfig = field(default_factory=AttackConfig)
     victim: VictimSection = field(default_factory=VictimSection)
     defenses: list[Any] = field(default_factory=list)  # the defender's chain, e.g. [{name: mad, epsilon: 0.5}]

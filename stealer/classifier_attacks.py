@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from stealer.augment import AugmentConfig, augment, batch_generator
 from stealer.cache import ResponseCache
-from stealer.config import ConfigError, choice
+from stealer.config import ConfigError, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice
 from stealer.data import ShardStream, open_shards
 from stealer.shards import encode_png
 
@@ -95,27 +95,27 @@ class AttackConfig:
     name: str = "knockoff_random"  # knockoff_random | knockoff_adaptive | dfme | maze
     # Knockoff: the attacker's transfer set (shard folders); add runs/demo/data/digits/probe_train for an OOD source
     query_sets: list[str] = field(default_factory=lambda: ["runs/demo/data/animal_mnist/query"])
-    batch_size: int = 128  # images per victim call (knockoff random)
+    batch_size: PositiveInt = 128  # images per victim call (knockoff random)
     # Knockoff adaptive
     actions: str = "classes"  # classes (labels of the query sets) | kmeans (clusters of 8x8 thumbnails)
-    num_clusters: int = 10
+    num_clusters: PositiveInt = 10
     reward: str = "all"  # certainty | diversity | loss | all
-    bandit_lr: float = 0.1  # α of the gradient bandit
-    step_images: int = 16  # images per bandit step (one action per step)
-    diversity_window: int = 25  # Δ, bandit steps in the diversity reward's running mean
-    online_lr: float = 0.01  # SGD lr of the online clone that scores the loss reward
+    bandit_lr: PositiveFloat = 0.1  # α of the gradient bandit
+    step_images: PositiveInt = 16  # images per bandit step (one action per step)
+    diversity_window: PositiveInt = 25  # Δ, bandit steps in the diversity reward's running mean
+    online_lr: PositiveFloat = 0.01  # SGD lr of the online clone that scores the loss reward
     # DFME / MAZE (None = the paper's value for the chosen attack)
-    df_batch_size: int = 64
-    nz: int | None = None  # latent size (DFME 256, MAZE 100)
-    gen_width: int = 32  # generator base width
-    directions: int | None = None  # m random directions per image (DFME 1, MAZE 10)
-    fd_epsilon: float = 0.5  # forward-difference step on [0, 1] pixels (see the module docstring)
-    gen_iters: int = 1  # n_G
-    clone_iters: int = 5  # n_S / n_C
-    replay_iters: int | None = None  # MAZE experience replay steps per iteration (MAZE 10; DFME 0)
-    lr_gen: float = 1e-4
-    lr_clone: float = 0.1
-    weight_decay: float = 5e-4
+    df_batch_size: PositiveInt = 64
+    nz: PositiveInt | None = None  # latent size (DFME 256, MAZE 100)
+    gen_width: PositiveInt = 32  # generator base width
+    directions: PositiveInt | None = None  # m random directions per image (DFME 1, MAZE 10)
+    fd_epsilon: PositiveFloat = 0.5  # forward-difference step on [0, 1] pixels (see the module docstring)
+    gen_iters: PositiveInt = 1  # n_G
+    clone_iters: PositiveInt = 5  # n_S / n_C
+    replay_iters: NonNegInt | None = None  # MAZE experience replay steps per iteration (MAZE 10; DFME 0)
+    lr_gen: PositiveFloat = 1e-4
+    lr_clone: PositiveFloat = 0.1
+    weight_decay: NonNegFloat = 5e-4
 
     def validate(self) -> None:
         choice("attack.name", self.name, ATTACKS)
@@ -142,7 +142,7 @@ class CloneConfig:
     """The clone's architecture (a ``victims.backbones`` name + a linear head)."""
 
     arch: str = "resnet18"
-    width: int = 16
+    width: PositiveInt = 16
     stem: str = "small"
 
     def validate(self) -> None:
@@ -157,20 +157,20 @@ class CloneConfig:
 class CloneTrainConfig:
     """Training of the clone on the cached posteriors (Knockoff; soft cross-entropy)."""
 
-    epochs: int = 10
-    batch_size: int = 64  # per rank
+    epochs: NonNegInt = 10
+    batch_size: PositiveInt = 64  # per rank
     optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.5
+    lr: PositiveFloat = 0.05
+    momentum: Momentum = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    warmup_epochs: NonNegFloat = 0.5
     augment: bool = True  # mild crop/flip/jitter of the query images (Knockoff trains with augmentation)
     # auto (the newest checkpoint of this run's clone training, or of DFME/MAZE's loop) | none | a ckpt path
     resume: str = "auto"
     resume_force: bool = False  # resume even from a checkpoint written with other settings (they are listed)
     # also checkpoint every N clone steps (Knockoff; always at epoch ends) or N DFME/MAZE iterations;
     # 0: Knockoff at epoch ends only, DFME/MAZE at the end only; both also on preemption
-    ckpt_every: int = 0
+    ckpt_every: NonNegInt = 0
 
     def validate(self) -> None:
         from stealer.optim import OPTIMIZERS
@@ -308,7 +308,7 @@ def build_clone(cfg: CloneConfig, num_classes: int, in_chans: int, image_size: i
 
 # ------------------------------------------------------------------------- Knockoff: random
 def knockoff_random(target: PosteriorTarget, cache: PosteriorCache, pool: Tensor, *, budget: int, user: str,
-                    batch_size: int = 128, seed: int = 0, rank: int = 0, world: int = 1,
+                    batch_size: PositiveInt = 128, seed: int = 0, rank: int = 0, world: int = 1,
                     labels: Tensor | None = None) -> dict[str, Any]:
     """Query ``budget`` images drawn uniformly without replacement from ``pool`` (this rank's share)."""
     n = int(pool.shape[0])

@@ -195,13 +195,18 @@ def _leaf_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, typi
 
 def test_every_numeric_key_declares_a_range_its_default_satisfies() -> None:
     from eval.run import ProbeConfig
+    from launch.attack_curves import CurvesConfig
+    from launch.classifier_sweep import ClassifierSweepConfig
+    from launch.defense_table import DefenseTableConfig
+    from launch.steal_classifier import ClassifierStealConfig
     from stealer.config import _constraints, check_value
     from stealer.pretrain import VictimTrainConfig
     from stealer.steal import StealConfig
     from stealer.train_classifier import ClassifierTrainConfig
 
     undeclared = []
-    for cls in (StealConfig, VictimTrainConfig, ClassifierTrainConfig, ProbeConfig):
+    for cls in (StealConfig, VictimTrainConfig, ClassifierTrainConfig, ProbeConfig, ClassifierStealConfig,
+                DefenseTableConfig, CurvesConfig, ClassifierSweepConfig):
         for key, tp, default in _leaf_fields(cls):
             cons = _constraints(tp)
             base = {a for a in typing.get_args(tp) if a is not type(None)} or {tp}
