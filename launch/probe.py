@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, cfg.run_dir / "config.yaml")
     try:
         results = run_probe(cfg, acc)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError, OSError) as e:  # user input: one line, exit 2
         fail(str(e).splitlines()[0])
     if acc.is_main_process:
         summary = {enc: {s: round(m["top1"], 4) for s, m in sets.items()} for enc, sets in results.items()}

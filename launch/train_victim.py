@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> Path:
         path = train(cfg, acc)
     except Preempted as e:  # checkpointed; a requeued job resumes with --resume auto
         exit_preempted(acc, e)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, ImportError, OSError) as e:  # user input: one line, exit 2
         fail(str(e).splitlines()[0])
     if acc.is_main_process:
         print(f"victim {'classifier' if task == 'classify' else 'checkpoint'}: {path}")
