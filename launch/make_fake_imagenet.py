@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stealer.fake_imagenet import VAL_LAYOUTS, describe, make_fake_imagenet  # noqa: E402
+from stealer.fake_imagenet import VAL_LAYOUTS, describe, make_fake_imagenet, write_official_simsiam  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--longer-side", type=int, default=500, metavar="PX", help="usual longer side in pixels (default 500, as ImageNet)")
     p.add_argument("--no-quirks", action="store_true", help="leave out the CMYK, grey, PNG-named, truncated and empty files")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
+    p.add_argument("--victim", metavar="PATH", default=None,
+                   help="also write a random-weight SimSiam ResNet-50 in the official checkpoint layout to PATH")
     args = p.parse_args(argv)
     try:
         summary = make_fake_imagenet(args.root, classes=args.classes, train_per_class=args.train_per_class,
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_fake_imagenet: error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(describe(summary, args.root)))
+    if args.victim:
+        write_official_simsiam(args.victim, seed=args.seed)
+        print(f"{args.victim}: random SimSiam ResNet-50, official facebookresearch/simsiam checkpoint layout")
     return 0
 
 

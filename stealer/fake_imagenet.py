@@ -25,6 +25,9 @@ file; in val one CMYK and one greyscale JPEG.
 Every image carries a class signal a linear probe can learn: the class's colour (hue k / K) and
 stripes at the class's angle, plus per-image phase, brightness and noise. The same seed writes the
 same bytes.
+
+:func:`write_official_simsiam` writes the victim of the rehearsal: a random-weight SimSiam ResNet-50
+in exactly the layout of the released ``checkpoint_0099.pth.tar`` (facebookresearch/simsiam).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["QUIRK_KINDS", "VAL_LAYOUTS", "class_colour", "describe", "make_fake_imagenet", "wnids"]
+__all__ = ["QUIRK_KINDS", "VAL_LAYOUTS", "class_colour", "describe", "make_fake_imagenet", "wnids",
+           "write_official_simsiam"]
 
 #: Where the val labels live, by layout (see the module docstring).
 VAL_LAYOUTS = ("csv", "devkit", "synsets", "folders")
@@ -257,3 +261,26 @@ def describe(summary: dict[str, Any], root: str | os.PathLike[str]) -> Sequence[
             if files:
                 lines.append(f"  {part} {kind}: {', '.join(files)}")
     return lines
+
+
+def write_official_simsiam(path: str | os.PathLike[str], arch: str = "resnet50", seed: int = 0) -> None:
+    """A random-weight SimSiam checkpoint exactly as facebookresearch/simsiam writes it.
+
+    The layout of ``main_simsiam.py`` ``save_checkpoint`` (facebookresearch/simsiam, commit
+    a7bc1772896d0dad0806c51f0bb6f3b16d290468): ``{'epoch', 'arch', 'state_dict', 'optimizer'}``
+    (the optimizer state left out as ``None``) with DDP's ``module.`` prefix on ``encoder.*`` (torchvision ResNet, projector in ``encoder.fc``)
+    and ``predictor.*`` keys, dim 2048, pred_dim 512, and no record of this project -- what a user
+    downloading the released ``checkpoint_0099.pth.tar`` holds.
+    """
+    import torch
+
+    from victims.simsiam import SimSiam
+
+    torch.manual_seed(seed)
+    model = SimSiam(arch, dim=2048, pred_dim=512)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"epoch": 100, "arch": arch, "state_dict": state, "optimizer": None}, tmp)
+    os.replace(tmp, out)
