@@ -178,7 +178,7 @@ def test_truncated_shard_is_named_in_one_warning(tmp_path: Path, caplog: pytest.
     assert counts[0] == counts[1] and counts[0][0] + counts[0][1] == 400 and counts[0][1] > 0
     named = [r.getMessage() for r in caplog.records if shard.name in r.getMessage()]
     assert len(named) == 1, named  # once per process, not once per epoch
-    assert "\n" not in named[0] and "damaged or truncated" in named[0] and f"of the 400 samples" in named[0]
+    assert "\n" not in named[0] and "damaged or truncated" in named[0] and "of the 400 samples" in named[0]
     assert f"the other {counts[0][1]} are skipped" in named[0] and "launch/make_shards.py" in named[0]
 
 
