@@ -130,6 +130,14 @@ def check_train_settings(cfg: Any, images: int | None, world: int = 1, device_ty
     no-op) on ``world`` processes of ``device_type`` with ``images`` cached images (None = unknown)."""
     if "train" not in cfg.phases:
         return
+    resume = str(getattr(cfg, "resume", "auto"))
+    if resume not in ("", "auto", "none", "no", "false"):  # a checkpoint path: readable and ours, or say so now
+        from stealer.ckpt import load_checkpoint
+
+        try:
+            load_checkpoint(resume)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{e} (the resume setting; nothing was paid)") from None
     t = cfg.train
     if getattr(t, "sync_bn", False) and world > 1 and device_type != "cuda":
         raise ValueError(f"train.sync_bn needs GPUs (DDP refuses SyncBatchNorm on {device_type} modules); "

@@ -252,3 +252,17 @@ def test_preflight_refuses_train_settings_before_paying(tmp_path: Path) -> None:
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     one_error_line(run_main("steal.py", ["--resume"], capsys), "--resume", "expected one argument", "--help")
     one_error_line(run_main("probe.py", ["--bogus"], capsys), "unrecognized arguments: --bogus")
+
+
+def test_preflight_checks_a_resume_path_before_paying(tmp_path: Path) -> None:
+    from stealer.config import load_config
+    from stealer.preflight import check_train_settings
+    from stealer.steal import StealConfig
+
+    pickled = tmp_path / "ckpt.pt"
+    torch.save({"format": "sslsteal-ckpt/1", "model": Net()}, pickled)
+    for resume, needle in [(tmp_path / "absent.pt", "absent.pt not found"), (pickled, f"({Net.__module__}.Net)")]:
+        cfg = load_config(StealConfig, None, [f"out_dir={tmp_path}", f"resume={resume}"])
+        with pytest.raises((FileNotFoundError, ValueError)) as e:
+            check_train_settings(cfg, None)
+        assert needle in str(e.value) and "nothing was paid" in str(e.value) and "\n" not in str(e.value)
