@@ -3,16 +3,16 @@ transaction) under an idempotency key, and the query phase reads paid-but-uncach
 instead of buying them again — also after SIGKILLs of 1 and 2 processes (benchmarks/chaos_query.py)."""
 from __future__ import annotations
 
-from conftest import tiny_steal_assets
+from conftest import free_port, tiny_steal_assets
 
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -164,3 +164,35 @@ def test_chaos_kills_of_the_query_phase_repay_nothing(setup, tmp_path, nproc, ki
         assert row["workers_killed"] >= 2 * row["kills_sent"], row
     # every kill shows in the script's log: the launcher exited -9 and its descendants were gone
     assert r.stderr.count("exit -9") == row["kills_sent"], r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_query_phase_preemption_counts_every_ranks_queries(setup, tmp_path):
+    """2 processes under torchrun, the preemption flag touched once buying has begun: the workers
+    exit 3, and the message counts the queries of both ranks (= the ledger), every one cached."""
+    import re
+
+    from stealer.cache import ResponseCache
+
+    root, victim = setup
+    run = tmp_path / "pre2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "launch" / "steal.py"), f"out_dir={tmp_path}", "name=pre2", "cpu=true", "phases=[query]",
+           f"victim.checkpoint={victim}", f"data.query={root}/data/animal_mnist/query", "data.image_size=16",
+           "query.batch_size=4", "victim.budget=96"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list((run / "cache").glob("journal-r*.jsonl")):  # the query phase is buying
+        assert p.poll() is None and time.time() - t0 < 300, "the run ended before it could be preempted"
+        time.sleep(0.005)
+    (run / "PREEMPT").touch()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and "exitcode  : 3" in err, err[-3000:]  # torchrun: 1; its workers: 3
+    got = re.search(r"preempted in the query phase after (\d+) queries \(all ranks\)", out)
+    assert got, out[-2000:]
+    with sqlite3.connect(run / "victim_state" / "ledger.sqlite") as con:
+        spent = con.execute("SELECT spent FROM users WHERE user = 'attacker'").fetchone()[0]
+    cached = len(ResponseCache(run / "cache").done_keys())
+    assert int(got.group(1)) == spent == cached < 96  # both ranks' queries (not rank 0's), all cached, cut short
+    assert {t.name[:9] for t in (run / "cache").glob("resp-*.tar")} == {"resp-r000", "resp-r001"}  # both ranks bought
