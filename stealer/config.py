@@ -5,6 +5,16 @@ reads an optional YAML file, applies dotted ``section.key=value`` overrides (val
 YAML scalars, then coerced to the field's declared type), and fails with a one-line error that
 names the bad key and lists the valid ones. The resolved config is written into the run dir.
 
+Each numeric key declares its allowed values in its type, next to the field: ``epochs:
+PositiveInt = 30``, ``momentum: Momentum = 0.9``, ``channels: Channels = 1`` (aliases of
+``Annotated[int, Range(ge=1)]`` …, or ``Annotated[float, Range(gt=0, le=1)]`` written out). They
+are checked as the config is built, before any job starts (nothing is paid, queried or trained
+on a bad value), with one line naming the key, the range and the default::
+
+    train.epochs=-1 is out of range; set train.epochs to a value >= 1 (the default is train.epochs=30)
+
+and ``--help`` shows them beside each key (``constraint_text``).
+
 Example::
 
     cfg = load_config(StealConfig, "launch/configs/demo.yaml", ["train.lr=0.2", "seed=1"])
