@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -56,6 +57,8 @@ class Range:
     lt: float | None = None
 
     def ok(self, value: Any) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison; inf is no setting
+            return False
         return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
                     or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
 

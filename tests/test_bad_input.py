@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -266,3 +267,19 @@ def test_preflight_checks_a_resume_path_before_paying(tmp_path: Path) -> None:
         with pytest.raises((FileNotFoundError, ValueError)) as e:
             check_train_settings(cfg, None)
         assert needle in str(e.value) and "nothing was paid" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_range_refuses_nan_inf_and_bad_list_entries() -> None:
+    from launch.attack_curves import CurvesConfig
+    from stealer.config import ConfigError, load_config
+    from stealer.steal import StealConfig
+
+    for override, needle in [("train.lr=nan", "train.lr=nan is out of range; set train.lr to a value > 0"),
+                             ("train.weight_decay=.inf", "train.weight_decay=inf is out of range"),
+                             ("victim.budget=-1", "set victim.budget to a value >= 0")]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(StealConfig, None, [override])
+    with pytest.raises(ConfigError, match=r"budgets=-5 is out of range; set budgets to a value >= 1"):
+        load_config(CurvesConfig, None, ["budgets=[100,-5]"])
+    cfg = load_config(StealConfig, None, ["victim.budget=null", "train.lr=0.5", "train.momentum=0"])  # in range: kept
+    assert (cfg.victim.budget, cfg.train.lr, cfg.train.momentum) == (None, 0.5, 0.0)
