@@ -126,6 +126,13 @@ def choice(key: str, value: str, allowed: Iterable[str]) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
 
 
+def _example(where: str, default: Any) -> str:
+    """``; e.g. key=<default>`` for a scalar default (the fix a type error names), else ''."""
+    if isinstance(default, (bool, int, float, str)) and default != "":
+        return f"; e.g. {where}={str(default).lower() if isinstance(default, bool) else default}"
+    return ""
+
+
 def _coerce(value: Any, tp: Any, where: str, default: Any = dataclasses.MISSING) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -166,10 +173,10 @@ def _coerce(value: Any, tp: Any, where: str, default: Any = dataclasses.MISSING)
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}{_example(where, default)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}{_example(where, default)}")
         if isinstance(value, int):
             return value
         try:
@@ -178,14 +185,14 @@ def _coerce(value: Any, tp: Any, where: str, default: Any = dataclasses.MISSING)
             f = None
         if f is not None and f.is_integer():
             return int(f)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {value!r}{_example(where, default)}")
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}{_example(where, default)}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {value!r}{_example(where, default)}") from None
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
