@@ -125,6 +125,26 @@ def check_disk_space(cfg: Any, images: int, per_image: int, free_bytes: int | No
     return need
 
 
+def _check_loss_args(t: Any) -> None:
+    """Every ``train.loss_args`` key is a keyword of ``train.loss`` (the losses take ``**kwargs``, so a typo
+    such as ``lamda`` for ``lambd`` would otherwise be ignored without a word)."""
+    import inspect
+
+    from stealer.losses import LOSSES
+
+    fn = LOSSES.get(getattr(t, "loss", ""))
+    args = getattr(t, "loss_args", None)
+    if fn is None or not isinstance(args, dict) or not args:
+        return
+    internal = {"gather", "labels"}  # set by the training loop, not by the user
+    known = [n for n, prm in inspect.signature(fn).parameters.items()
+             if prm.kind is inspect.Parameter.KEYWORD_ONLY and n not in internal]
+    unknown = [k for k in args if k not in known]
+    if unknown:
+        raise ValueError(f"train.loss_args has {', '.join(map(repr, unknown))}, which loss {t.loss} does not take; "
+                         f"use its arguments: {', '.join(known)} (nothing was paid)")
+
+
 def check_train_settings(cfg: Any, images: int | None, world: int = 1, device_type: str = "cpu") -> None:
     """Refuse, before the query phase pays, train settings that the train phase would refuse (or run as a
     no-op) on ``world`` processes of ``device_type`` with ``images`` cached images (None = unknown)."""
@@ -139,6 +159,7 @@ def check_train_settings(cfg: Any, images: int | None, world: int = 1, device_ty
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{e} (the resume setting; nothing was paid)") from None
     t = cfg.train
+    _check_loss_args(t)
     if getattr(t, "sync_bn", False) and world > 1 and device_type != "cuda":
         raise ValueError(f"train.sync_bn needs GPUs (DDP refuses SyncBatchNorm on {device_type} modules); "
                          f"set train.sync_bn=false for {world} {device_type} processes (nothing was paid)")

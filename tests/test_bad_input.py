@@ -285,3 +285,15 @@ def test_range_refuses_nan_inf_and_bad_list_entries() -> None:
         load_config(StealConfig, None, ["train.epochs=abc"])
     cfg = load_config(StealConfig, None, ["victim.budget=null", "train.lr=0.5", "train.momentum=0"])  # in range: kept
     assert (cfg.victim.budget, cfg.train.lr, cfg.train.momentum) == (None, 0.5, 0.0)
+
+
+def test_preflight_refuses_unknown_loss_args() -> None:
+    from stealer.config import load_config
+    from stealer.preflight import check_train_settings
+    from stealer.steal import StealConfig
+
+    with pytest.raises(ValueError, match=r"train\.loss_args has 'lamda', which loss barlow does not take; use its "
+                                         r"arguments: temperature, lambd \(nothing was paid\)"):
+        check_train_settings(load_config(StealConfig, None, ["train.loss=barlow", "train.loss_args={lamda: 0.01}"]), None)
+    check_train_settings(load_config(StealConfig, None, ["train.loss=barlow", "train.loss_args={lambd: 0.01}"]), None)
+    check_train_settings(load_config(StealConfig, None, ["train.loss=softnn", "train.loss_args={temperature: 100}"]), None)
