@@ -411,3 +411,40 @@ def test_cache_refuses_answers_under_other_preprocessing(tmp_path: Path) -> None
     cfg3 = load_config(StealConfig, None, base + ["query.num_queries=6", "victim.preprocess=simsiam"])
     api3 = build_victim_api(cfg3.victim, cfg3.run_dir)
     assert run_query_phase(cfg3, api3)["queries_sent"] == 3 and api3.ledger.spent("attacker") == spent + 3
+
+
+def test_resume_with_other_preprocessing_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A steal resumed with another victim preprocessing: the query phase refuses the cache, a train-only
+    resume refuses the checkpoint, each in one line naming the keys and the fix; nothing more is bought."""
+    import sqlite3
+
+    from conftest import tiny_steal_assets
+    from launch.steal import main as steal
+
+    root, victim = tiny_steal_assets(tmp_path, {"animal_mnist": {"victim_train": 8, "query": 24, "probe_train": 8,
+                                                                 "probe_test": 8}, "digits": {"probe_train": 8, "probe_test": 8}})
+    argv = [f"out_dir={root}", "name=r", "cpu=true", f"victim.checkpoint={victim}",
+            f"data.query={root}/data/animal_mnist/query", "data.image_size=16", "student.width=8", "train.epochs=1",
+            "train.batch_size=12", "query.batch_size=12", "train.log_every=1"]
+    steal(argv)
+    run = root / "r"
+    assert "preprocess: project" in (run / "config.yaml").read_text()  # the resolved choice is recorded
+
+    def spent() -> int:
+        with sqlite3.connect(run / "victim_state" / "ledger.sqlite") as con:
+            return con.execute("SELECT spent FROM users WHERE user='attacker'").fetchone()[0]
+
+    def refused(*extra: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            steal(argv + list(extra))
+        assert e.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert spent() == 24
+    last = refused("victim.mean=0.4")
+    assert "holds answers made under victim preprocessing 'project'" in last
+    assert "project (set: mean)" in last and "name=" in last
+    last = refused("victim.mean=0.4", "phases=[train]")
+    assert "victim.mean" in last and "resume" in last
+    assert spent() == 24
