@@ -6,7 +6,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import torch
 
@@ -15,7 +15,7 @@ from eval.knn import knn_classify
 from eval.metrics import fidelity, prediction_agreement, rank_correlation
 from eval.probe import linear_probe
 from eval.stream_run import MODES, probe_streamed
-from stealer.config import (Channels, ConfigError, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt,
+from stealer.config import (Channels, ConfigError, Momentum, NonNegFloat, NonNegInt, OneOf, PositiveFloat, PositiveInt,
                             check_victim_preprocess, choice)
 from stealer.student import StolenEncoder, load_student
 
@@ -29,9 +29,10 @@ class ProbeConfig:
     seed: NonNegInt = 0
     cpu: bool = False
     victim: str = "runs/demo/victim/checkpoint.pth.tar"  # '' = no victim row
-    victim_representation: str = "backbone"
+    victim_representation: Annotated[str, OneOf("backbone", "projector")] = "backbone"
     # how the victim reads images (as victim.preprocess of the steal config): auto (the checkpoint's own record, else
-    # ImageNet's Resize 256 + CenterCrop 224 + ImageNet mean/std) | imagenet | simsiam | mocov3 | simclr | project | none;
+    # ImageNet's Resize 256 + CenterCrop 224 + ImageNet mean/std) | imagenet | simsiam | mocov3 | simclr | project | none
+    # (victims/preprocess.py);
     # the victim_mean/std/resize/crop/interpolation keys override the preset. The victim's probe images are decoded
     # with its geometry (exactly torchvision's); stolen encoders read them at image_size as before.
     victim_preprocess: str = "auto"
@@ -44,7 +45,7 @@ class ProbeConfig:
     random: bool = True  # add random-init encoders of the first stolen encoder's architecture
     random_seeds: PositiveInt = 5  # how many random inits; 'random' reports their mean (min/max kept)
     control_teacher: bool = False  # also probe the random-init victim a control steal queried (seed 0)
-    stolen_features: str = "output"  # output (what imitates the victim) | backbone (pooled features)
+    stolen_features: Annotated[str, OneOf("output", "backbone")] = "output"  # what imitates the victim | pooled features
     sets: list[str] = field(default_factory=lambda: [
         "animal_mnist:runs/demo/data/animal_mnist/probe_train:runs/demo/data/animal_mnist/probe_test"])
     image_size: PositiveInt = 32
@@ -65,7 +66,7 @@ class ProbeConfig:
     optimizer: str = "auto"  # stream / lincls: lars | sgd | auto (lars for lincls, sgd for stream)
     momentum: Momentum = 0.9
     weight_decay: NonNegFloat = 0.0
-    feature_dtype: str = "float32"  # stream / lincls feature shards: float32 | float16 (half the disk)
+    feature_dtype: Annotated[str, OneOf("float32", "float16")] = "float32"  # feature shards (float16: half the disk)
     shard_rows: PositiveInt = 8192  # rows per feature shard and per shuffle block (the memory bound)
     ckpt_every: PositiveInt = 100  # stream / lincls: head checkpoint every N steps (and on preemption)
     resume: str = "auto"  # stream / lincls: auto (continue a stopped head) | none

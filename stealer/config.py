@@ -32,7 +32,7 @@ import yaml
 
 __all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice",
            "Range", "OneOf", "constraint_text", "check_value", "PositiveInt", "NonNegInt", "PositiveFloat", "NonNegFloat",
-           "Fraction", "Momentum", "Channels", "check_victim_preprocess"]
+           "Fraction", "Momentum", "Channels", "MixedPrecision", "check_victim_preprocess"]
 
 T = TypeVar("T")
 
@@ -91,6 +91,7 @@ NonNegFloat = Annotated[float, Range(ge=0)]
 Fraction = Annotated[float, Range(ge=0, le=1)]
 Momentum = Annotated[float, Range(ge=0, lt=1)]
 Channels = Annotated[int, OneOf(1, 3)]  # grey or RGB images
+MixedPrecision = Annotated[str, OneOf("auto", "no", "bf16", "fp16")]  # autocast of a training loop
 
 
 def _constraints(tp: Any) -> list[Any]:
@@ -116,7 +117,7 @@ def check_value(key: str, value: Any, constraint: Range | OneOf, default: Any = 
     fix = f"set {key} to a value {constraint.text()}" if isinstance(constraint, Range) else f"set {key} to {constraint.text()}"
     if example is not None:
         fix += f" (the default is {key}={example})"
-    raise ConfigError(f"{key}={value!r} is out of range; {fix}")
+    raise ConfigError(f"{key}={value!r} is {'out of range' if isinstance(constraint, Range) else 'not valid'}; {fix}")
 
 
 def choice(key: str, value: str, allowed: Iterable[str]) -> None:

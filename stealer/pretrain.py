@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from stealer.augment import AugmentConfig, augment, batch_generator, normalize
-from stealer.config import (Channels, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice,
-                            to_dict)
+from stealer.config import (Channels, MixedPrecision, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt,
+                            choice, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
@@ -74,7 +74,7 @@ class VictimTrainConfig:
     momentum: Momentum = 0.9
     fix_pred_lr: bool = True
     warmup_epochs: NonNegFloat = 0.0
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    mixed_precision: MixedPrecision = "auto"
     ckpt_every: PositiveInt = 200
     log_every: PositiveInt = 10
 

@@ -25,15 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
 import torch
 
 from stealer.attacks import AttackConfig, StepContext, get_attack, steal_step
 from stealer.cache import ResponseCache
-from stealer.config import (Channels, ConfigError, Fraction, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice,
-                            check_victim_preprocess, save_config, to_dict)
+from stealer.config import (Channels, ConfigError, Fraction, MixedPrecision, Momentum, NonNegFloat, NonNegInt, OneOf,
+                            PositiveFloat, PositiveInt, check_victim_preprocess, choice, save_config, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.losses import LOSSES, default_temperature, get_loss
@@ -63,7 +63,7 @@ class DataConfig:
     shuffle_buffer: NonNegInt = 1000
     # where images are decoded: cpu (PIL, in the loader workers) | device (JPEGs by nvJPEG on the GPU, in
     # batches; other formats by PIL in the main process; see stealer/device_decode.py)
-    decode: str = "cpu"
+    decode: Annotated[str, OneOf("cpu", "device")] = "cpu"
 
     def validate(self) -> None:
         if self.channels not in (1, 3):
@@ -75,7 +75,7 @@ class DataConfig:
 class VictimConfig:
     checkpoint: str = "runs/demo/victim/checkpoint.pth.tar"  # official SimSiam format
     arch: str = ""  # '' = read from the checkpoint
-    representation: str = "backbone"  # backbone (pooled features, ICML'22) | projector
+    representation: Annotated[str, OneOf("backbone", "projector")] = "backbone"  # pooled features (ICML'22) | projector
     user: str = "attacker"
     budget: NonNegInt | None = None  # queries this user may spend (None = unlimited)
     state_dir: str = ""  # where the victim keeps its ledger ('' = <run>/victim_state)
@@ -86,10 +86,11 @@ class VictimConfig:
     api_key_file: str = ""  # file holding the API key for url
     max_retries: NonNegInt = 8  # HTTP retries (exponential backoff with jitter, honouring Retry-After)
     # the in-process victim's forward: auto (bf16 on GPUs that have it, fp16 on others, fp32 on CPU) | fp32 | bf16 | fp16
-    precision: str = "auto"
+    precision: Annotated[str, OneOf("auto", "fp32", "bf16", "fp16")] = "auto"
     # how the victim reads images: auto (the checkpoint's own sslsteal record, else ImageNet's eval transform
-    # Resize 256 + CenterCrop 224 + ImageNet mean/std, said in one line) | imagenet | simsiam | mocov3 | simclr
-    # (= imagenet) | project (the record) | none (images / 255 as they come). Over HTTP the server decides
+    # Resize 256 + CenterCrop 224 + ImageNet mean/std, said in one line) | imagenet = simsiam = mocov3 | simclr
+    # (Resize 256 + CenterCrop 256, unnormalised, as simclr-converter) | project (the record) | none (images / 255
+    # as they come); see victims/preprocess.py. Over HTTP the server decides
     # (launch/serve.py --preprocess); a declared choice must agree with it. The keys below override the preset.
     preprocess: str = "auto"
     mean: list[float] | float | None = None  # per channel, on images / 255
@@ -113,7 +114,7 @@ class VictimConfig:
 class QueryConfig:
     num_queries: PositiveInt | None = None  # query only the first N images of the query set (None = all)
     batch_size: PositiveInt = 256
-    dtype: str = "float32"  # how responses are cached: float32 | float16
+    dtype: Annotated[str, OneOf("float32", "float16")] = "float32"  # how responses are cached
 
     def validate(self) -> None:
         choice("query.dtype", self.dtype, ["float32", "float16"])
@@ -148,7 +149,7 @@ class TrainConfig:
     warmup_epochs: NonNegFloat = 2.0
     final_lr_fraction: Fraction = 0.0
     augment: bool = True  # augment the student's view of each query image
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | no | bf16 | fp16
+    mixed_precision: MixedPrecision = "auto"  # auto: bf16 on GPUs that have it, else fp16; none on CPU
     channels_last: bool = False  # NHWC memory format for the student (faster convs on GPUs)
     compile: bool = False  # torch.compile the student
     sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm) when several processes train

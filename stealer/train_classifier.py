@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from stealer.augment import AugmentConfig, augment, batch_generator
-from stealer.config import (Channels, Fraction, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range,
-                            choice, to_dict)
+from stealer.config import (Channels, Fraction, MixedPrecision, Momentum, NonNegFloat, NonNegInt, PositiveFloat,
+                            PositiveInt, Range, choice, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
@@ -63,7 +63,7 @@ class ClassifierTrainConfig:
     momentum: Momentum = 0.9
     warmup_epochs: NonNegFloat = 0.5
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    mixed_precision: MixedPrecision = "auto"
     ckpt_every: PositiveInt = 200
     log_every: PositiveInt = 10
 
