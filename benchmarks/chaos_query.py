@@ -242,9 +242,11 @@ def chaos(a: argparse.Namespace, nproc: int, kills: int, rng: random.Random) -> 
             if p.poll() is not None or kills <= row["kills_proven"] or len(workers) < nproc - (nproc == 1):
                 break  # finished, finishing (a worker has exited) or enough kills: let it end by itself
             killed = kill_tree(p)
+            if p.returncode != -signal.SIGKILL:  # it ended by itself just before the kill: judged below
+                log(f"[{nproc} proc] trial {row['trials']}: the launch ended (exit {p.returncode}) before the SIGKILL")
+                break
             row["kills_sent"] += 1
             row["workers_killed"] += len(killed) if nproc > 1 else 0
-            assert p.returncode == -signal.SIGKILL, f"launcher exit {p.returncode}, not -9"
             if not all(not alive(w) for w in workers):
                 raise AssertionError("a worker survived")
             paid, have = spent(run), cached(run)
