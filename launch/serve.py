@@ -108,8 +108,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="the encoder's forward: auto = bf16 on GPUs that have it, fp16 on others, fp32 on the CPU")
     p.add_argument("--preprocess", default="auto", choices=["auto", "project", "imagenet", "simsiam", "mocov3", "simclr", "none"],
                    help="how the victim reads images: auto = the checkpoint's own record, else ImageNet's eval transform "
-                        "(Resize 256 + CenterCrop 224 + ImageNet mean/std, as the released SimSiam/MoCo v3/SimCLR); "
-                        "project = the record; none = images / 255 as they come (victims/preprocess.py)")
+                        "(Resize 256 + CenterCrop 224 + ImageNet mean/std, as the released SimSiam/MoCo v3 = simsiam = mocov3); "
+                        "simclr = Resize 256 + CenterCrop 256 unnormalised (simclr-converter); project = the record; "
+                        "none = images / 255 as they come (victims/preprocess.py)")
     p.add_argument("--mean", type=_float_list("--mean"), default=None, help="per-channel mean on images / 255, e.g. 0.485,0.456,0.406 (overrides the preset)")
     p.add_argument("--std", type=_float_list("--std"), default=None, help="per-channel std, e.g. 0.229,0.224,0.225 (overrides the preset)")
     p.add_argument("--resize", type=_number(int, "--resize", lo=0, meaning=" (0 = no resize)"), default=None,

@@ -305,6 +305,30 @@ def test_tensor_geometry_close_to_exact(released: dict) -> None:
         assert torch.equal(same, exact)
 
 
+@pytest.mark.parametrize("preset,reference", [
+    # facebookresearch/simsiam and moco-v3 main_lincls.py val_loader
+    ("simsiam", [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+    ("mocov3", [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+    # tonylins/simclr-converter eval.py: the released SimCLR weights take unnormalised images
+    ("simclr", [T.Resize(256), T.CenterCrop(256), T.ToTensor()]),
+])
+def test_preset_input_equals_its_repository_transform(released: dict, preset: str, reference: list) -> None:
+    """What the victim's encoder receives (decoder, then VictimEncoder.preprocess) equals the tensor its own
+    repository's eval transform makes from the file."""
+    from victims.preprocess import resolve_preprocess
+    from victims.simsiam import VictimEncoder
+
+    pre = resolve_preprocess(preset, None)
+    victim = VictimEncoder(nn.Identity(), out_dim=3, in_chans=3, preprocessing=pre)
+    dec = victim.decoder()
+    for path in released["files"]:
+        ours = victim.preprocess(torch.from_numpy(dec(path.read_bytes()).copy()).permute(2, 0, 1)[None])[0]
+        with open(path, "rb") as f:
+            want = T.Compose(reference)(Image.open(f).convert("RGB"))
+        assert ours.shape == want.shape
+        torch.testing.assert_close(ours, want, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------ small victims: records, presets, refusals
 
 def _tiny_official(path: Path) -> None:

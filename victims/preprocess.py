@@ -15,13 +15,17 @@ halves, applied where each can be exact:
 * normalisation (``mean``, ``std``), on the victim's device, in float32 — ``ToTensor`` +
   ``Normalize`` in the same order of operations.
 
-Presets (:data:`PRESETS`) for the released ImageNet families — ``imagenet``, ``simsiam``,
-``mocov3``, ``simclr`` — are all the evaluation transform of facebookresearch/simsiam
-``main_lincls.py`` (commit a7bc1772896d0dad0806c51f0bb6f3b16d290468, ``val_loader``:
-``Resize(256)``, ``CenterCrop(224)``, ``ToTensor()``, ``Normalize([0.485, 0.456, 0.406],
-[0.229, 0.224, 0.225])``), which facebookresearch/moco-v3 ``main_lincls.py`` (commit
-c5b2e602ebfe2384b38b9d21b42b37848b9d286a) repeats. ``none`` is no geometry and no
-normalisation (``images / 255``). ``project`` is the checkpoint's own ``'sslsteal'`` record
+Presets (:data:`PRESETS`) for the released ImageNet families, each its own repository's evaluation
+transform: ``imagenet`` = ``simsiam`` = ``mocov3`` is facebookresearch/simsiam ``main_lincls.py``
+(commit a7bc1772896d0dad0806c51f0bb6f3b16d290468, ``val_loader``: ``Resize(256)``,
+``CenterCrop(224)``, ``ToTensor()``, ``Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])``),
+which facebookresearch/moco-v3 ``main_lincls.py`` (commit c5b2e602ebfe2384b38b9d21b42b37848b9d286a)
+repeats. ``simclr`` is the released SimCLR ResNet-50s in PyTorch, which are tonylins/simclr-converter
+ports of google-research/simclr's TF weights: its ``eval.py`` (commit
+59bee347aefe2ed52e07268ebb3e16f9bb4e0412, ``val_loader``) feeds ``Resize(256)``, ``CenterCrop(256)``,
+``ToTensor()`` and no normalisation ("the original model do not have normalization"); the TF
+repository evaluates 224-px bicubic, also unnormalised (``victim.crop=224 victim.interpolation=bicubic``
+comes close). ``none`` is no geometry and no normalisation (``images / 255``). ``project`` is the checkpoint's own ``'sslsteal'`` record
 (``image_size``, ``mean``, ``std``: the project's decode at ``image_size``, shorter side
 resized and centre-cropped). ``auto`` is ``project`` when the file has that record, else
 ``imagenet`` (said in one printed line).
@@ -71,7 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet": _IMAGENET,
     "simsiam": _IMAGENET,  # facebookresearch/simsiam main_lincls.py val_loader
     "mocov3": _IMAGENET,  # facebookresearch/moco-v3 main_lincls.py val_loader
-    "simclr": _IMAGENET,  # SimCLR ImageNet ResNet-50 in PyTorch, evaluated like SimSiam/MoCo v3
+    # tonylins/simclr-converter eval.py: the SimCLR weights were trained on unnormalised [0, 1] images
+    "simclr": {"resize": 256, "crop": 256, "interpolation": "bilinear", "mean": (0.0,), "std": (1.0,)},
     "none": {"resize": None, "crop": None, "interpolation": "bilinear", "mean": (0.0,), "std": (1.0,)},
 }
 PRESET_NAMES = ("auto", "project", *PRESETS)
@@ -307,12 +312,12 @@ def cache_record(rec: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
     None for the project's own record unchanged (and for servers too old to say): caches made before
     preprocessing was recorded were made that way, so they stay valid. Anything else is recorded whole,
-    the aliases of the ImageNet transform (simsiam, mocov3, simclr) under ``imagenet``.
+    the aliases of the ImageNet transform (simsiam, mocov3) under ``imagenet``.
     """
     if not rec or (rec.get("preset") == "project" and not rec.get("overrides")):
         return None
     out = dict(rec)
-    if PRESETS.get(out.get("preset", "")) is _IMAGENET:  # simsiam, mocov3, simclr: one transform, one name
+    if PRESETS.get(out.get("preset", "")) is _IMAGENET:  # simsiam, mocov3: one transform, one name
         out["preset"] = "imagenet"
     return out
 
