@@ -13,7 +13,9 @@
 so official ResNet checkpoints load here and ours load in the official ``main_lincls.py``.
 :func:`load_victim_encoder` turns such a file into a :class:`VictimEncoder`: frozen, always
 in eval mode, taking uint8 images and returning float representations — the thing the
-query API serves. ``timm:`` backbones are supported, wrapped as :class:`TimmEncoder` so the
+query API serves — behind a declared preprocessing (:mod:`victims.preprocess`): the file's
+``'sslsteal'`` record, or for a file without one (a released checkpoint) the ImageNet eval
+transform of its repository, Resize 256 + CenterCrop 224 + ImageNet mean/std. ``timm:`` backbones are supported, wrapped as :class:`TimmEncoder` so the
 projector still sits in ``encoder.fc``; format compatibility is promised for ResNets only.
 
 Example::
