@@ -148,3 +148,19 @@ def test_gpu_suite_budget_guard(monkeypatch):
     assert all(r["skip"] == "out of time (budget 480 s)" for r in res["rows"].values()), res["rows"]
     assert "skipped: out of time" in gpu_suite.markdown(res)
     shutil.rmtree(suite.tmp)
+
+
+def test_scale_benchmark_tiny(tmp_path):
+    """benchmarks/scale.py at N = 100, 200: every phase runs in its own process and gets a row; the meter
+    sees memory that grows with N (the hidden ``alloc`` phase holds 2 MiB per sample)."""
+    phases = ["folder", "query", "train", "extract", "probe", "knn", "select", "ledger", "cache", "alloc"]
+    out = _stdout("scale.py", "--n", "100,200", "--phases", ",".join(phases), "--n-test", "50", "--shard-rows", "64",
+                  "--probe-batch", "32", "--batch", "50", "--json", str(tmp_path / "s.json"), timeout=600)
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert [(r["phase"], r["n"]) for r in rows] == [(p, n) for n in (100, 200) for p in phases]
+    assert all(r["seconds"] > 0 and r["peak_rss_mib"] > 20 for r in rows), rows
+    assert "| phase | N | us/sample |" in out and out.count("\n| ") == 1 + len(rows)  # the header and a row each
+    alloc = {r["n"]: r for r in rows if r["phase"] == "alloc"}
+    grown = alloc[200]["peak_rss_mib"] - alloc[100]["peak_rss_mib"]
+    assert 170 < grown < 250, grown  # 200 MiB more held: the per-phase peak RSS is the child's own
+    assert not alloc[200]["flat"] and alloc[200]["rss_ratio"] > 1.2
