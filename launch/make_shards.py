@@ -181,7 +181,7 @@ def make_shards(
         val, labels_file = _scan_val(path / "val", train.classes, image_size, workers, val_labels)  # before any writing
         result = _write_folder(train, path / "train", out if splits else out / "train", **kw)
         result.update(_write_folder(val, path / "val", out / "val", labels_file=labels_file,
-                                    **{**kw, "splits": {}}))
+                                    **{**kw, "splits": {}, "prefix": "val" if prefix == "train" else prefix}))
         return result
     if _is_flat(path):
         labels_file = Path(val_labels) if val_labels else find_val_labels(path)

@@ -201,6 +201,10 @@ def test_imagenet_rehearsal_runs_the_paper_configs_end_to_end(tmp_path):
     assert (cfg.data.image_size, cfg.victim.arch, cfg.student.arch, cfg.train.loss) == (224, "resnet50", "resnet50", "infonce")
     assert (cfg.query.num_queries, cfg.victim.budget, cfg.train.optimizer) == (n, n, "lars")
     assert phases["query"]["images"] == n
+    qp = json.loads((cfg.run_dir / "query_phase.json").read_text())
+    assert qp["queries_sent"] == n  # each query image paid once, as the ledger below says
+    pre = qp["victim_preprocess"]  # a file in the released layout is fed as its own repository feeds it
+    assert (pre["preset"], pre["resize"], pre["crop"]) == ("imagenet", 256, 224)
     from victims.ledger import QueryLedger
 
     ledger = QueryLedger(cfg.run_dir / "victim_state" / "ledger.sqlite")
