@@ -198,6 +198,8 @@ class StealConfig:
         return Path(self.out_dir) / self.name
 
     def validate(self) -> None:
+        if not self.phases:
+            raise ConfigError("phases=[] runs nothing; set phases=[query,train], [query] or [train]")
         for p in self.phases:
             choice("phases", p, ["query", "train"])
 

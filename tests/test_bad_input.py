@@ -281,6 +281,8 @@ def test_range_refuses_nan_inf_and_bad_list_entries() -> None:
             load_config(StealConfig, None, [override])
     with pytest.raises(ConfigError, match=r"budgets=-5 is out of range; set budgets to a value >= 1"):
         load_config(CurvesConfig, None, ["budgets=[100,-5]"])
+    with pytest.raises(ConfigError, match=r"phases=\[\] runs nothing; set phases=\[query,train\]"):
+        load_config(StealConfig, None, ["phases=[]"])
     with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got 'abc'; e\.g\. train\.epochs=30"):
         load_config(StealConfig, None, ["train.epochs=abc"])
     cfg = load_config(StealConfig, None, ["victim.budget=null", "train.lr=0.5", "train.momentum=0"])  # in range: kept
