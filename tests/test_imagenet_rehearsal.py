@@ -228,3 +228,29 @@ def test_imagenet_rehearsal_runs_the_paper_configs_end_to_end(tmp_path):
         assert r["n_train"] == probe_train["num_samples"] and r["n_test"] == 8 and 0.0 <= r["top1"] <= 1.0
     fid = linear["stolen"]["fidelity"]
     assert -1.0 <= fid["cosine"] <= 1.0 and 0.0 <= fid["agreement_linear"] <= 1.0
+
+
+def test_jpeg_share_decides_the_set_and_foreign_val_classes_are_left_out(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    mixed = tmp_path / "mixed"
+    for i in range(6):  # half PNG: too many to re-encode lossily, the set is stored as PNG
+        d = mixed / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8))
+        img.save(d / f"{i}.jpg", format="PNG" if i % 2 else "JPEG")  # every name says .jpg
+    assert make_shards_main([str(mixed), str(tmp_path / "m")]) == 0
+    m = read_manifest(tmp_path / "m")
+    assert m["image_ext"] == "png" and m["num_samples"] == 6 and "png_to_jpg" not in m.get("quirks", {})
+
+    root = tmp_path / "imagenet"
+    truth = make_fake_imagenet(root, classes=2, train_per_class=5, val_images=4, val_layout="folders", longer_side=40)
+    stray = root / "val" / "n99999999"
+    stray.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(stray / "ILSVRC2012_val_00000099.JPEG")
+    capsys.readouterr()
+    assert make_shards_main([str(root), str(tmp_path / "s")]) == 0
+    assert "n99999999 is not among the 2 classes; its 1 images are left out" in capsys.readouterr().err
+    val = read_manifest(tmp_path / "s" / "val")
+    assert val["classes"] == truth["wnids"] and val["num_samples"] == 4
+    assert val["quirks"]["other_class"]["files"] == ["n99999999/ILSVRC2012_val_00000099.JPEG"]
+    assert sorted(p.name for p in (tmp_path / "s" / "val").glob("*.tar")) == ["val-000000.tar"]
