@@ -177,9 +177,9 @@ class VictimAPI:
         fp = fingerprint(images)
         kept = self.ledger.answer(user, key, n=n, fingerprint=fp)
         if kept is None:
-            budget, spent = self.ledger.budget(user), self.ledger.spent(user)
-            if budget is not None and spent + n > budget:  # refused before the forward, as a plain charge is
-                raise BudgetExceeded(user, budget, spent, n)
+            left = self.ledger.remaining(user)
+            if left is not None and left < n:  # refused before the forward, as a plain charge is
+                raise BudgetExceeded(user, int(self.ledger.budget(user)), self.ledger.spent(user), n)
             body = _npy(self._answer(images, user).detach().cpu().numpy())
             # charge and answer in one transaction; another asker of the same key may have won the race
             kept = self.ledger.charge_answer(user, n, key, fp, body)
