@@ -81,6 +81,10 @@ class ProbeConfig:
         choice("mode", self.mode, list(MODES))
         choice("optimizer", self.optimizer, ["auto", "lars", "sgd"])
         choice("feature_dtype", self.feature_dtype, ["float32", "float16"])
+        if not self.sets:
+            raise ConfigError("sets=[] probes nothing; give at least one NAME:TRAIN_SHARDS:TEST_SHARDS")
+        if not self.victim and not self.stolen:
+            raise ConfigError("victim='' and stolen=[] leave nothing to probe; set victim=CHECKPOINT or stolen=[NAME=student.pt]")
         check_victim_preprocess("victim_", self.victim_preprocess, self.victim_interpolation, self.victim_mean, self.victim_std)
         for s in self.stolen:
             if "=" not in s:

@@ -299,3 +299,10 @@ def test_preflight_refuses_unknown_loss_args() -> None:
         check_train_settings(load_config(StealConfig, None, ["train.loss=barlow", "train.loss_args={lamda: 0.01}"]), None)
     check_train_settings(load_config(StealConfig, None, ["train.loss=barlow", "train.loss_args={lambd: 0.01}"]), None)
     check_train_settings(load_config(StealConfig, None, ["train.loss=softnn", "train.loss_args={temperature: 100}"]), None)
+
+
+def test_probe_refuses_nothing_to_probe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one_error_line(run_main("probe.py", [f"out_dir={tmp_path}", "victim=", "stolen=[]"], capsys), "leave nothing to probe",
+                   "set victim=CHECKPOINT or stolen=[NAME=student.pt]")
+    one_error_line(run_main("probe.py", [f"out_dir={tmp_path}", "sets=[]"], capsys), "sets=[] probes nothing")
+    assert not (tmp_path / "probe").exists()
