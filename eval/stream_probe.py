@@ -232,6 +232,7 @@ def train_linear(
     on_step: Callable[[int], None] | None = None,
     what: str = "probe",
     per_epoch: int | None = None,
+    run_dir: str | None = None,
 ) -> tuple[nn.Linear, dict[str, Any]]:
     """Train a linear head over ``source`` batches (collective); returns it (on CPU) and a log.
 
@@ -243,6 +244,7 @@ def train_linear(
         on_step: called with the global step after each step and its checkpoint (tests inject
             faults here).
         per_epoch: global batches per epoch when ``source`` is not cut in ``batch_size`` rows.
+        run_dir: where the preemption flag file ``PREEMPT`` is watched (default: beside ``ckpt_dir``).
     Returns ``(head, {"steps", "loss", "resumed_from"})``.
     """
     from stealer.engine import RunState
@@ -258,7 +260,7 @@ def train_linear(
     cfg = {**(config or {}), "probe_settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__
                                                 if k != "ckpt_every"},
            "dim": dim, "num_classes": num_classes, "num_samples": num_samples}
-    state = RunState(acc, ckpt_dir, config=cfg, what=what, steps_per_epoch=per_epoch,
+    state = RunState(acc, ckpt_dir, config=cfg, what=what, steps_per_epoch=per_epoch, run_dir=run_dir,
                      rerun="rerun the probe (it resumes from its checkpoint)",
                      start_over="delete the probe's ckpt folder or use a new run name")
     state.track(head=head, optimizer=opt)
@@ -433,6 +435,7 @@ def lincls_protocol(
     limit: int | None = None,
     workers: int = 0,
     on_step: Callable[[int], None] | None = None,
+    run_dir: str | None = None,
 ) -> tuple[nn.Linear, dict[str, Any]]:
     """The linear evaluation of SimSiam (and MoCo v3): a linear head on a frozen encoder, trained on
     augmented images.
@@ -477,7 +480,7 @@ def lincls_protocol(
     # the stream's own plan fixes the steps per epoch: len(stream) global batches of <= batch_size rows
     head, log = train_linear(source, dim=dim, num_classes=num_classes, num_samples=n, per_epoch=len(stream),
                              settings=settings, acc=acc, ckpt_dir=ckpt_dir, resume=resume, config=config,
-                             on_step=on_step, what="linear evaluation")
+                             on_step=on_step, what="linear evaluation", run_dir=run_dir)
     sanity_check(before, modules)
     log["steps_per_epoch"] = len(stream)
     return head, log

@@ -82,13 +82,14 @@ def probe_streamed(cfg: Any, set_name: str, enc_name: str, encode: Callable[[tor
     if cfg.mode == "lincls":
         head, log = lincls_protocol(encode, _modules(encode), train_dir, dim=train.dim, num_classes=num_classes,
                                     channels=cfg.channels, image_size=cfg.image_size, settings=s, acc=acc,
-                                    ckpt_dir=str(ckpt_dir), resume=cfg.resume, config=conf, limit=cfg.train_limit)
+                                    ckpt_dir=str(ckpt_dir), resume=cfg.resume, config=conf, limit=cfg.train_limit,
+                                    run_dir=str(cfg.run_dir))
         mean = std = None
     else:
         mean, std = feature_stats(train, acc)
         head, log = train_linear(feature_source(train, s, acc, mean, std), dim=train.dim, num_classes=num_classes,
                                  num_samples=train.num_samples, settings=s, acc=acc, ckpt_dir=str(ckpt_dir),
-                                 resume=cfg.resume, config=conf)
+                                 resume=cfg.resume, config=conf, run_dir=str(cfg.run_dir))
     top1, pred = evaluate_linear(head, test, mean=mean, std=std)
     train_top1, _ = evaluate_linear(head, train, mean=mean, std=std)
     knn = knn_stream(train, test, k=cfg.knn_k, acc=acc, return_predictions=True)

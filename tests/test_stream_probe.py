@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +318,26 @@ def test_bad_probe_mode_is_one_line(assets, capsys):
         _launch(root, victim, "bad", "mode=streaming")
     err = capsys.readouterr().err.strip()
     assert "mode" in err and "stream" in err and len(err.splitlines()) == 1
+
+
+def test_preempted_streamed_probe_exits_3_and_the_rerun_resumes(assets):
+    root, victim = assets
+    args = ("mode=stream", "epochs=20", "probe_batch_size=32", "shard_rows=64", "ckpt_every=50")
+    import stealer.preempt  # noqa: F401  (a flag older than this module's import counts as stale and is removed)
+
+    (root / "pre").mkdir(exist_ok=True)
+    flag = root / "pre" / "PREEMPT"
+    flag.touch()  # the flag SLURM's trap would write: honoured at the first step
+    os.utime(flag, (time.time() + 1, time.time() + 1))  # newer than the import above despite a coarse fs clock
+    with pytest.raises(SystemExit) as e:
+        _launch(root, victim, "pre", *args)
+    assert e.value.code == 3
+    ck = root / "pre" / "ckpt" / "animal" / "victim"
+    assert (ck / "latest").read_text().strip() == "ckpt-000000001.pt"  # stopped after step 1 of 160
+    assert not (root / "pre" / "results.jsonl").exists()
+    (root / "pre" / "PREEMPT").unlink()
+    rows = {r["probe"]: r for r in _launch(root, victim, "pre", *args)}
+    straight = {r["probe"]: r for r in _launch(root, victim, "straight", *args)}
+    assert rows["linear"]["steps"] == 160 and (ck / "latest").read_text().strip() == "ckpt-000000160.pt"
+    assert rows["linear"]["top1"] == straight["linear"]["top1"]
+    assert rows["linear"]["train_top1"] == straight["linear"]["train_top1"]
