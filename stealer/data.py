@@ -30,6 +30,7 @@ import io
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -184,14 +185,89 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+_TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
+
+def _nts(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _local_tar_members(path: str) -> list[tuple[str, int, int]] | None:
+    """``(name, data offset, size)`` of every member of a plain local tar of regular files (what
+    ``write_shards`` and the response cache write), read from its 512-byte headers alone; ``None``
+    when the file holds anything else -- compression, pax or GNU extension headers, links or
+    folders, base-256 sizes, a bad checksum, a member cut short -- which ``tarfile`` then reads
+    as it always did (damage included)."""
+    import tarfile
+
+    try:
+        total = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError:
+        return None
+    out: list[tuple[str, int, int]] = []
+    with f:
+        off = 0
+        while off + 512 <= total:
+            f.seek(off)
+            h = f.read(512)
+            if len(h) < 512:
+                return None
+            if h.count(0) == 512:
+                return out  # the end-of-archive block
+            kind = h[156:157]
+            if h[257:262] != b"ustar" or kind not in (b"0", b"\0") or h[124] & 0x80:
+                return None
+            try:
+                chksum = int(_nts(h[148:156]).strip() or "0", 8)
+                size = int(_nts(h[124:136]).strip() or "0", 8)
+            except ValueError:
+                return None
+            if chksum not in tarfile.calc_chksums(h):
+                return None
+            name, prefix = _nts(h[0:100]), _nts(h[345:500])
+            if kind == b"\0" and name.endswith("/"):
+                return None  # a V7 folder
+            start = off + 512
+            if start + size > total:
+                return None
+            out.append((prefix + "/" + name if prefix else name, start, size))
+            off = start + (size + 511) // 512 * 512
+    return out if off == total else None  # a file that ends inside a member's padding or a header: tarfile's
+
+
+def _read_local_tar(url: str, members: list[tuple[str, int, int]]) -> Iterator[dict[str, Any]]:
+    """What ``tar_file_expander(url_opener(...))`` yields for a local tar ``_local_tar_members`` read:
+    ``{fname, data, __url__}`` per member but webdataset's metadata files, then ``{}`` (end of shard)."""
+    import tarfile
+
+    with open(url, "rb") as f:
+        for name, start, size in members:
+            if "/" not in name and name.startswith("__") and name.endswith("__") or _TAR_META.match(name):
+                continue
+            f.seek(start)
+            data = f.read(size)
+            if len(data) != size:  # cut short since the headers were read
+                raise tarfile.ReadError(f"unexpected end of data @ {url}")
+            yield {"fname": name, "data": data, "__url__": url}
+    yield {}
+
+
 def _iter_shard(url: str, expected: int) -> Iterator[dict | None]:
     """Raw samples (dicts of bytes) of one shard; a truncated tail yields ``None`` placeholders, and
-    a shard that ends early (truncated copy, damaged tar) is named in one warning line per process."""
+    a shard that ends early (truncated copy, damaged tar) is named in one warning line per process.
+
+    A local tar of plain members is read from its headers by ``_read_local_tar`` (~10x less CPU a
+    member than ``tarfile``'s stream reader, the largest CPU cost of a small-image epoch after the
+    step); every other shard, and every damaged one, goes through webdataset's tar reader. Both
+    feed webdataset's ``group_by_keys``, so the samples are the same."""
     from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
     n, why = 0, ""
     try:
-        for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}]))):
+        members = None if "://" in url or url.startswith("pipe:") else _local_tar_members(url)
+        files = _read_local_tar(url, members) if members is not None else tar_file_expander(url_opener([{"url": url}]))
+        for sample in group_by_keys(files):
             if n >= expected:
                 break
             n += 1

@@ -78,3 +78,50 @@ def test_cache_stream_responses_are_np_load_bitwise(tmp_path, dtype):
     assert len(got) == 10
     for i, a in enumerate(answers):
         assert torch.equal(got[f"k{i:04d}"], torch.from_numpy(a))
+
+
+def _samples(url: str, n: int) -> list:
+    return [None if s is None else {k: v for k, v in s.items()} for s in data_mod._iter_shard(url, n)]
+
+
+def _tar(path, members: list[tuple[str, bytes]], fmt=None) -> str:
+    import tarfile
+
+    with tarfile.open(path, "w", **({"format": fmt} if fmt is not None else {})) as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return str(path)
+
+
+def test_local_tar_reader_yields_what_webdataset_yields(tmp_path, monkeypatch):
+    """The header reader and webdataset's tarfile stream give the same samples for the shards the
+    project writes (query shards, response caches) and for a folder prefix, webdataset metadata files,
+    an empty member, a 512-byte-multiple member; pax long names, links and damaged files are left to tarfile."""
+    import tarfile
+
+    rng = np.random.default_rng(2)
+    blob = lambda n: rng.integers(0, 256, n, dtype=np.uint8).tobytes()  # noqa: E731
+    answers = _write_cache(tmp_path / "cache", 9, 5, "float32")
+    del answers
+    cache_tar = str(sorted((tmp_path / "cache").glob("resp-*.tar"))[0])
+    plain = _tar(tmp_path / "plain.tar", [("a/x1.png", blob(700)), ("a/x1.cls", b"3"), ("__meta__", b"m"),
+                                          ("x2.png", blob(512)), ("x2.cls", b""), ("x3.jpg", blob(1))])
+    long = _tar(tmp_path / "long.tar", [("k" * 120 + ".png", blob(10)), ("k" * 120 + ".cls", b"1")], fmt=tarfile.PAX_FORMAT)
+    gnu = _tar(tmp_path / "gnu.tar", [("g" * 120 + ".png", blob(10))], fmt=tarfile.GNU_FORMAT)
+    whole = open(plain, "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[:1500])  # inside the first member's padding
+    cut2 = tmp_path / "cut2.tar"
+    cut2.write_bytes(whole[:3000])  # inside the fourth member's data
+    cases = ((cache_tar, 4, True), (plain, 3, True), (long, 1, False), (gnu, 1, False), (str(cut), 3, False),
+             (str(cut2), 3, False))
+    for url, n, fast in cases:
+        assert (data_mod._local_tar_members(url) is not None) == fast, url
+        got = _samples(url, n)
+        with monkeypatch.context() as m:
+            m.setattr(data_mod, "_local_tar_members", lambda path: None)  # webdataset's reader alone
+            want = _samples(url, n)
+        assert got == want, url
+    assert [s["__key__"] for s in _samples(plain, 3)] == ["a/x1", "x2", "x3"]
