@@ -318,6 +318,10 @@ class Suite:
                      skip="not run on a CPU (inductor's C++ build takes minutes there); pass --compile to force")
             return
         p, cap = self.p, self.budget.cap("compile", self.scale)
+        if self.budget.left() < 0.8 * SECTION_CAP["compile"] * self.scale:  # compiling cannot be cut short
+            self.row("compile", "torch.compile cached step ÷ eager (img/s)",
+                     skip=f"out of time: {self.budget.left():.0f} s left, compiling may take {SECTION_CAP['compile'] * self.scale:.0f} s")
+            return
         cfg = self.cfg("train.compile=true")
         ctx = self.student(cfg, self.shared["dim"], compile_=True)
         b = self.shared["batch"]
@@ -361,13 +365,13 @@ class Suite:
             self.mem_reset()
             try:
                 b = {k: (v.to(self.dev) if isinstance(v, torch.Tensor) else v) for k, v in self.batch(n).items()}
-                self.cached_step(ctx, b)()
+                self.cached_step(ctx, b)()  # noqa: F821 - the method's ctx (ruff is misled by its later del)
                 self.sync()
                 return True
             except torch.OutOfMemoryError:
                 return False
             finally:
-                ctx.opt.zero_grad(set_to_none=True)
+                ctx.opt.zero_grad(set_to_none=True)  # noqa: F821 - the method's ctx (ruff is misled by its later del)
                 self.mem_reset()
 
         lo, hi, cap = 256, None, int(p["max_batch_cap"])

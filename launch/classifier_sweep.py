@@ -191,8 +191,8 @@ def run_sweep(cfg: ClassifierSweepConfig, acc: Any, log: Callable[[str], None] |
     notes = [f"attack {base.attack.name}, budget {base.budget} queries per row, clone {base.clone.arch} width "
              f"{base.clone.width}, {base.train.epochs} epochs; victim {ckpt} (clean test accuracy "
              f"{float((clean.argmax(1) == y).double().mean()):.4f} on {len(y)} images)",
-             f"defender utility = test accuracy of the returned (perturbed) posteriors; l1/l2/kl = mean distance "
-             f"to the clean posteriors (MAD's eval_bbox); agreement = clone top-1 == victim top-1",
+             "defender utility = test accuracy of the returned (perturbed) posteriors; l1/l2/kl = mean distance "
+             "to the clean posteriors (MAD's eval_bbox); agreement = clone top-1 == victim top-1",
              f"latency per posterior (batches of {latency['images']}; autograd MAD on {latency['autograd_images']}): "
              f"DCP {latency['dcp_ms']:.3f} ms, MAD closed form {latency['mad_closed_form_ms']:.3f} ms, MAD autograd "
              f"(reference) {latency['mad_autograd_ms']:.3f} ms; MAD/DCP = {latency['ratio_closed_form']:.1f}x "

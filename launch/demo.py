@@ -13,7 +13,6 @@ Extra ``key=value`` arguments override the steal config (e.g. ``train.loss=mse``
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time

@@ -140,7 +140,6 @@ def test_device_decode_matches_the_cpu_path_and_drops_corrupt_samples(tmp_path):
 
     from stealer.device_decode import decode_batch
 
-    rng = np.random.default_rng(0)
     # smooth photo-like images (JPEG is lossy on noise), 48 x 64, some grey-scale conversions ahead
     yy, xx = np.mgrid[0:48, 0:64]
     arrs = [np.stack([(np.sin(xx / (5 + i) + i) * 100 + 128), (np.cos(yy / (7 + i)) * 100 + 128),

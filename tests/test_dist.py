@@ -16,7 +16,6 @@ from __future__ import annotations
 from conftest import free_port
 
 import os
-import socket
 import time
 from pathlib import Path
 

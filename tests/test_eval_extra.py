@@ -8,7 +8,6 @@ import csv
 import json
 import math
 import os
-import socket
 import threading
 from pathlib import Path
 

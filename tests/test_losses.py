@@ -6,7 +6,6 @@ from conftest import free_port
 
 import math
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Callable

@@ -17,7 +17,6 @@ from victims.backbones import BACKBONES, ResNet, build_backbone
 from victims.ledger import BudgetExceeded, QueryLedger
 from victims.simsiam import (
     SimSiam,
-    VictimEncoder,
     load_victim_encoder,
     random_victim,
     save_simsiam_checkpoint,

@@ -35,7 +35,6 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from victims.backbones import BACKBONES, TIMM_PREFIX, build_backbone, infer_resnet_arch
