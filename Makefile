@@ -9,6 +9,7 @@ demo: $(STAMP)
 	$(PY) launch/demo.py
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 install: $(STAMP)
