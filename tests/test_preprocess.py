@@ -19,6 +19,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from stealer.config import ConfigError, load_config
+from stealer.config import ConfigError, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -162,9 +163,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(released: dict, state: Path, representation: str, in_thread: bool) -> tuple[object, str, Path]:
+def _serve(released: dict, state: Path, representation: str, in_thread: bool) -> Any:
     """launch/serve.py serving the checkpoint, and a key for one user. ``in_thread``: its app (build_app) under
-    uvicorn in this process; else the real command in its own process. Returns (stop, url, key file)."""
+    uvicorn in this process; else the real command in its own process, started now. Returns ``ready()``,
+    which waits for the server and returns (stop, url, key file)."""
     from victims.server import add_user, state_paths
 
     keys_db, ledger_db = state_paths(state)
@@ -177,37 +179,47 @@ def _serve(released: dict, state: Path, representation: str, in_thread: bool) ->
         from launch.serve import build_app, serve_parser
         from victims.server import start_server_thread
 
-        server, thread, url = start_server_thread(build_app(serve_parser().parse_args(args)))
+        def ready_in_thread() -> tuple[Any, str, Path]:
+            server, thread, url = start_server_thread(build_app(serve_parser().parse_args(args)))
 
-        def stop() -> None:
-            server.should_exit = True
-            thread.join(timeout=30)
-        return stop, url, key_file
+            def stop() -> None:
+                server.should_exit = True
+                thread.join(timeout=30)
+            return stop, url, key_file
+        ready_in_thread.abort = lambda: None  # type: ignore[attr-defined]
+        return ready_in_thread
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "serve.py"), *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    import httpx
-
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/v1/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "launch/serve.py did not come up"
-        time.sleep(0.2)
-    note, banner = proc.stdout.readline(), proc.stdout.readline()  # one note line, then what it serves
-    assert "has no sslsteal record" in note and "--preprocess=" in note, note
-    assert "preprocessing imagenet: Resize 256 (bilinear) + CenterCrop 224" in banner, banner
 
     def stop_proc() -> None:
         proc.terminate()
         proc.wait(timeout=30)
-    return stop_proc, url, key_file
+
+    def ready() -> tuple[Any, str, Path]:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            try:
+                if httpx.get(url + "/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                stop_proc()
+                raise AssertionError("launch/serve.py did not come up")
+            time.sleep(0.2)
+        note, banner = proc.stdout.readline(), proc.stdout.readline()  # one note line, then what it serves
+        assert "has no sslsteal record" in note and "--preprocess=" in note, note
+        assert "preprocessing imagenet: Resize 256 (bilinear) + CenterCrop 224" in banner, banner
+        return stop_proc, url, key_file
+    ready.abort = stop_proc  # type: ignore[attr-defined]
+    return ready
 
 
 # backbone: launch/serve.py as its own process; projector: its app in this process (saves a ResNet-50 load)
@@ -223,23 +235,30 @@ def test_released_checkpoint_exact_through_every_path(released: dict, reference:
     ref = reference[representation]
     assert len(ref) == len(SIZES)
 
-    # (a) steal config -> the in-process victim launch/steal.py builds -> the query phase's cache
-    cfg = _steal_cfg(released, tmp_path, "inproc", f"victim.representation={representation}")
-    api = build_victim_api(cfg.victim, cfg.run_dir)
-    note = [line for line in capsys.readouterr().out.splitlines() if "sslsteal record" in line]
-    assert len(note) == 1 and "ImageNet" in note[0] and str(released["ckpt"]) in note[0]
-    out = run_query_phase(cfg, api)
+    # the server (b) starts now: its start-up overlaps the in-process path (a)
+    ready = _serve(released, tmp_path / "server", representation, in_thread=representation == "projector")
+    try:
+        # (a) steal config -> the in-process victim launch/steal.py builds -> the query phase's cache
+        cfg = _steal_cfg(released, tmp_path, "inproc", f"victim.representation={representation}")
+        save_config(cfg, cfg.run_dir / "config.yaml")  # as launch/steal.py does before the query phase
+        api = build_victim_api(cfg.victim, cfg.run_dir)
+        note = [line for line in capsys.readouterr().out.splitlines() if "sslsteal record" in line]
+        assert len(note) == 1 and "ImageNet" in note[0] and str(released["ckpt"]) in note[0]
+        out = run_query_phase(cfg, api)
+    except BaseException:
+        ready.abort()
+        raise
     assert out["queries_sent"] == len(SIZES) and out["victim_preprocess"]["preset"] == "imagenet"
     got_a = _cached(cfg.run_dir / "cache")
     assert set(got_a) == set(ref)  # the shards kept the JPEG bytes: the cache holds the original files
     meta = json.loads((cfg.run_dir / "cache" / "cache.json").read_text())
     assert meta["victim_preprocess"]["resize"] == 256 and meta["victim_preprocess"]["crop"] == 224
     assert meta["victim_preprocess"]["mean"] == IMAGENET_MEAN and meta["victim_preprocess"]["std"] == IMAGENET_STD
-    resolved = (cfg.run_dir / "config.yaml")
-    assert not resolved.exists() or "preprocess: imagenet" in resolved.read_text()
+    resolved = load_config(type(cfg), cfg.run_dir / "config.yaml").victim  # the run's resolved config says it
+    assert (resolved.preprocess, resolved.resize, resolved.crop, resolved.mean) == ("imagenet", 256, 224, IMAGENET_MEAN)
 
     # (b) launch/serve.py over HTTP, queried by the project's HTTP client through the same query phase
-    stop, url, key_file = _serve(released, tmp_path / "server", representation, in_thread=representation == "projector")
+    stop, url, key_file = ready()
     try:
         cfg_b = _steal_cfg(released, tmp_path, "http", f"victim.url={url}", f"victim.api_key_file={key_file}",
                            "victim.user=alice")
