@@ -230,6 +230,9 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     # the victim's preprocessing (its own declaration, in-process or over HTTP): the query images are decoded
     # with its geometry, and the cache records it so that answers made under another one never mix in
     pre_record, decoder = _victim_preprocessing(cfg, desc, _is_main(accelerator))
+    if decoder is not None and cfg.data.decode == "device":  # refused before the cache records anything
+        raise ValueError(f"data.decode=device cannot give the victim its exact {desc['preprocess'].get('preset')} resize/crop "
+                         f"(torchvision's, per image, on the CPU); set data.decode=cpu for the query phase")
     served_preprocess = desc.get("preprocess") or None
     desc = {k: v for k, v in desc.items() if k != "preprocess"}  # recorded apart, below: older caches stay valid
     meta = {"victim": desc, "victim_preprocess": pre_record,

@@ -436,6 +436,11 @@ def test_cache_refuses_answers_under_other_preprocessing(tmp_path: Path) -> None
             f"victim.checkpoint={ckpt}", "query.batch_size=3", "query.num_queries=3"]
     cfg = load_config(StealConfig, None, base)  # auto: ImageNet's eval transform (no record)
     api = build_victim_api(cfg.victim, cfg.run_dir)
+    # the batched device decode cannot resize/crop exactly: refused before the cache records anything
+    cfg_dev = load_config(StealConfig, None, base + ["data.decode=device"])
+    with pytest.raises(ValueError, match="^data.decode=device cannot give the victim its exact imagenet resize/crop"):
+        run_query_phase(cfg_dev, api)
+    assert not (cfg.run_dir / "cache" / "cache.json").exists() and api.ledger.spent("attacker") == 0
     assert run_query_phase(cfg, api)["queries_sent"] == 3
     spent = api.ledger.spent("attacker")
     cache = cfg.run_dir / "cache"
