@@ -19,6 +19,11 @@ moment of what is left of the phase. ``window_kills`` counts kills that left ima
 cached: the window that cost 10-20 re-paid images per kill before the victim kept answers with
 their charges.
 
+Launches: with ``--launch fork`` (default) a 1-process run is a fork of this already-imported
+script calling ``launch/steal.py``'s ``main`` (a real process and entry point, without ~5-10 s of
+imports per launch), and the uninterrupted 2-process reference is two forked ranks with
+torchrun's environment; every killed (and resumed) 2-process run goes through torchrun.
+
     python benchmarks/chaos_query.py --kills 50 --nproc 1 2          # ~50 kills per world size
     python benchmarks/chaos_query.py --images 96 --batch 8 --kills 4 2 --nproc 1 2   # the test's size
 """
@@ -98,11 +103,12 @@ class Forked:
     process running the real entry point, without paying the ~5-10 s of imports per launch.
     The ``subprocess.Popen`` surface that the kill loop needs: ``pid``, ``poll``, ``wait``, ``returncode``."""
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         pid = os.fork()
         if pid == 0:  # the child: run the entry point, never return into the parent's code
             code = 1
             try:
+                os.environ.update(env or {})
                 fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
@@ -139,6 +145,23 @@ class Forked:
                 raise TimeoutError(f"process {self.pid} still running after {timeout} s")
             time.sleep(0.01)
         return self.returncode  # type: ignore[return-value]
+
+
+class ForkedGroup:
+    """``nproc`` forked ranks with the environment torchrun gives its workers (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT, ...): the uninterrupted reference run, without torchrun's start-up. The
+    killed runs always go through torchrun. ``wait`` returns the first non-zero rank exit."""
+
+    def __init__(self, nproc: int, argv: list[str], log_path: Path) -> None:
+        port = str(free_port())
+        self.ranks = [Forked(argv, log_path, {
+            "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "GROUP_RANK": "0", "ROLE_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+            for r in range(nproc)]
+
+    def wait(self, timeout: float | None = None) -> int:
+        codes = [p.wait(timeout) for p in self.ranks]
+        return next((c for c in codes if c != 0), 0)
 
 
 def free_port() -> int:
@@ -212,7 +235,9 @@ def log(msg: str) -> None:
 def chaos(a: argparse.Namespace, nproc: int, kills: int, rng: random.Random) -> dict:
     ref = Path(a.work) / f"ref{nproc}"
     t0 = time.time()
-    if launch(a, ref.name, nproc).wait(900) != 0:
+    first = ForkedGroup(nproc, steal_args(a, ref.name), Path(a.work) / f"{ref.name}.log") \
+        if nproc > 1 and a.launch == "fork" else launch(a, ref.name, nproc)
+    if first.wait(900) != 0:
         raise SystemExit(f"the uninterrupted run failed: {(ref.parent / f'{ref.name}.log').read_text()[-2000:]}")
     phase_s = json.loads((ref / "query_phase.json").read_text())["seconds"]
     log(f"[{nproc} proc] uninterrupted run: {time.time() - t0:.1f} s wall, query phase {phase_s:.2f} s")
@@ -309,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--aimed", type=float, default=0.5,
                     help="share of the kills sent right after a charge commits (the rest at uniform random moments)")
     ap.add_argument("--launch", choices=["fork", "exec"], default="fork",
-                    help="1 process: fork this process into launch/steal.py's main (fast) or exec a fresh python")
+                    help="1 process, and the 2-process reference run: fork this process into launch/steal.py's main "
+                         "(fast) or exec a fresh python (torchrun); killed runs of several processes always use torchrun")
     a = ap.parse_args(argv)
     if len(a.kills) not in (1, len(a.nproc)) or min(a.kills) < 1 or a.images < 1 or a.batch < 1:
         ap.error("--kills takes one value >= 1 or one per --nproc; --images and --batch must be >= 1")
@@ -318,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.data or not a.victim:
         data, victim = tiny_assets(Path(a.work), a.images, a.image_size)
         a.data, a.victim = a.data or str(data), a.victim or str(victim)
-    if a.launch == "fork" and 1 in a.nproc:  # imported once here, shared by every forked launch
+    if a.launch == "fork":  # imported once here, shared by every forked launch
         import accelerate  # noqa: F401
         import launch.common  # noqa: F401
         import launch.steal  # noqa: F401
