@@ -196,3 +196,46 @@ def test_query_phase_preemption_counts_every_ranks_queries(setup, tmp_path):
     cached = len(ResponseCache(run / "cache").done_keys())
     assert int(got.group(1)) == spent == cached < 96  # both ranks' queries (not rank 0's), all cached, cut short
     assert {t.name[:9] for t in (run / "cache").glob("resp-*.tar")} == {"resp-r000", "resp-r001"}  # both ranks bought
+
+
+def test_http_victim_keyed_purchase_is_replayed_for_a_new_process(setup, tmp_path):
+    """Over HTTP the batch key names the request: a new client process (same run nonce) sending the
+    batch whose answer was lost gets the server's stored answer, uncharged; another key is a new purchase."""
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from stealer.client import HTTPVictim
+    from victims.api import VictimAPI
+    from victims.ledger import QueryLedger
+    from victims.server import add_user, create_app, state_paths
+    from victims.simsiam import load_victim_encoder
+
+    _, victim = setup
+    keys_db, ledger_db = state_paths(tmp_path / "state")
+    key = add_user(keys_db, "alice", 100)
+    tc = TestClient(create_app(VictimAPI(load_victim_encoder(victim), QueryLedger(ledger_db)), keys_db=keys_db))
+
+    class Lossy(httpx.BaseTransport):  # forwards to the app; loses the answer of the first query
+        def __init__(self, lose: bool):
+            self.lose, self.keys = lose, []
+
+        def handle_request(self, request):
+            r = tc.request(request.method, str(request.url), headers=dict(request.headers), content=request.read())
+            if request.method == "POST":
+                self.keys.append(request.headers["idempotency-key"])
+                if self.lose:
+                    raise httpx.ReadError("the process died before the answer arrived", request=request)
+            return httpx.Response(r.status_code, headers=[(k, v) for k, v in r.headers.items()
+                                                          if k.lower() != "content-length"], content=r.content)
+
+    x = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    first = Lossy(lose=True)
+    with pytest.raises(ConnectionError):
+        HTTPVictim("http://testserver", key, nonce="run-nonce", transport=first, max_retries=0).query(x, key="q:batch1")
+    assert QueryLedger(ledger_db).spent("alice") == 6  # charged, answer lost
+    again = Lossy(lose=False)  # the resumed run: a new process, the same nonce and batch key
+    client = HTTPVictim("http://testserver", key, nonce="run-nonce", transport=again)
+    a = client.query(x, key="q:batch1")
+    assert again.keys == first.keys and QueryLedger(ledger_db).spent("alice") == 6  # replayed, not re-paid
+    b = client.query(x, key="q:batch2")  # the same images under another key: a new, paid purchase
+    assert torch.equal(a, b) and QueryLedger(ledger_db).spent("alice") == 12
