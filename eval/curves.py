@@ -15,9 +15,11 @@ One JSON object per (encoder, downstream set, evaluation) — a line of a ``resu
 ``queries``
     victim queries the steal paid for (the ledger's count). Required for curve encoders.
 ``encoder``
-    ``"stolen"`` (the default when absent) is a point of a curve; ``"victim"`` and ``"random"``
-    are reference rows (queries and attack ignored); any other encoder (``control``,
-    ``random_0``, ...) is ignored unless passed in ``encoders``.
+    ``"stolen"`` (the default when absent) is a point of a curve; ``"victim"``, ``"random"``
+    (random-init students) and ``"victim_random"`` (a random-init copy of the victim's own
+    architecture; the probe's ``control_teacher`` is read as it) are reference rows (queries and
+    attack ignored); ``random_<i>`` is read as one seed of ``"random"`` (then pass only these, not
+    their mean); any other encoder (``control``, ...) is ignored unless passed in ``encoders``.
 ``set``
     the downstream set. ``top1``: accuracy as a fraction in [0, 1] (NaN/null records are skipped).
 ``probe`` (optional, default ``"linear"``)
@@ -25,8 +27,11 @@ One JSON object per (encoder, downstream set, evaluation) — a line of a ``resu
 ``seed``, ``run`` (optional)
     records equal in run, set, probe, encoder, attack, defense, queries and seed are one result
     (the last read wins: a rerun appends); ``run`` defaults to the file the record came from.
-    Distinct results of the same (attack, defense, queries) — e.g. several seeds — are averaged,
-    and the min and max are kept.
+    Distinct results of the same (attack, defense, queries) — e.g. several seeds — are averaged;
+    the sample std, min and max are kept. Cells read ``mean ± std (n)``; below each table the
+    pairs of rows whose difference exceeds seed noise are listed (eval.report.NOISE_RULE:
+    |Δ mean| > 2 × pooled sample std, each side ≥ 2 seeds), and, with victim and random
+    references, the gain recovered ``(stolen − random) / (victim − random)`` per row and budget.
 
 Any other keys (``fidelity``, ``weight_decay``, ...) are carried along and ignored, so the probe's
 own ``results.jsonl`` lines are records once ``attack`` and ``queries`` are added (pass them as
@@ -41,9 +46,10 @@ encoder of ``per_set``, its ``queries_spent`` as the stolen encoders' queries).
 Outputs of :func:`write_curves` in ``out_dir``: ``curves.md`` (one table per (set, probe): a row
 per attack(+defense), a column per query budget, the victim — and random init, when present —
 as reference rows), ``curves.csv`` (long form: ``set, probe, encoder, attack, defense, queries,
-top1, top1_min, top1_max, n``; reference rows have an empty attack and queries) and one
+top1, top1_std, top1_min, top1_max, n``; reference rows have an empty attack and queries) and one
 ``accuracy_vs_queries_<set>_<probe>.png`` per table (a line per attack, log-scaled queries,
 min–max error bars, the victim as a dashed horizontal line).
+
 """
 from __future__ import annotations
 
@@ -56,11 +62,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-__all__ = ["RecordError", "Stat", "CurveTable", "load_records", "normalize_record", "build_tables",
-           "markdown", "csv_text", "plot_table", "write_curves", "REFERENCE_ENCODERS", "CSV_COLUMNS"]
+from eval.report import NOISE_RULE, SeedStat, gain_recovered, noise_comparisons
 
-REFERENCE_ENCODERS = ("victim", "random")
-CSV_COLUMNS = ["set", "probe", "encoder", "attack", "defense", "queries", "top1", "top1_min", "top1_max", "n"]
+__all__ = ["RecordError", "Stat", "CurveTable", "load_records", "normalize_record", "build_tables",
+           "markdown", "noise_lines", "gain_table", "gain_lines", "csv_text", "plot_table", "write_curves", "REFERENCE_ENCODERS", "CSV_COLUMNS"]
+
+REFERENCE_ENCODERS = ("victim", "random", "victim_random")
+_REFERENCE_ALIASES = {"control_teacher": "victim_random"}  # eval/run.py's random-init victim
+_REFERENCE_LABELS = {"victim": "victim (reference)", "random": "random init (reference)",
+                     "victim_random": "random-init victim arch (reference)"}
+CSV_COLUMNS = ["set", "probe", "encoder", "attack", "defense", "queries", "top1", "top1_std", "top1_min", "top1_max", "n"]
 _NO_DEFENSE = (None, "", "none", "None")
 
 
@@ -89,6 +100,11 @@ class Stat:
     @property
     def n(self) -> int:
         return len(self.values)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (ddof 1; 0 for one value)."""
+        return SeedStat(self.values).std
 
 
 @dataclass
@@ -125,6 +141,11 @@ def normalize_record(rec: dict[str, Any], *, where: str = "record", encoders: Se
     if not isinstance(rec, dict):
         raise RecordError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     enc = str(rec.get("encoder", "stolen"))
+    enc = _REFERENCE_ALIASES.get(enc, enc)
+    m = re.fullmatch(r"random_(\d+)", enc)
+    if m and enc not in encoders:  # one random-init seed of the "random" reference
+        rec = {**rec, "seed": int(m.group(1)), "random_seed": True}
+        enc = "random"
     if enc not in encoders and enc not in REFERENCE_ENCODERS:
         return None
     top1 = _num(rec.get("top1"))
@@ -230,7 +251,10 @@ def build_tables(records: Iterable[dict[str, Any]], *, sets: Sequence[str] | Non
         unique.pop(_identity(r), None)
         unique[_identity(r)] = r
     tables: dict[tuple[str, str], CurveTable] = {}
+    per_seed_random = {(r["set"], r["probe"], str(r.get("run"))) for r in unique.values() if r.get("random_seed")}
     for r in unique.values():
+        if r["encoder"] == "random" and not r.get("random_seed") and (r["set"], r["probe"], str(r.get("run"))) in per_seed_random:
+            continue  # the probe's mean over random_<i>, which are read one by one
         if (sets and r["set"] not in sets) or (probes and r["probe"] not in probes):
             continue
         t = tables.setdefault((r["set"], r["probe"]), CurveTable(r["set"], r["probe"]))
@@ -251,7 +275,7 @@ def _q(q: float) -> str:
 def _cell(s: Stat | None) -> str:
     if s is None:
         return "—"
-    return f"{s.mean:.3f}" if s.n == 1 else f"{s.mean:.3f} [{s.min:.3f}–{s.max:.3f}]"
+    return f"{s.mean:.3f}" if s.n == 1 else f"{s.mean:.3f} ± {s.std:.3f} ({s.n})"
 
 
 def _line_label(attack: str, defense: str) -> str:
@@ -264,7 +288,7 @@ def markdown(tables: Sequence[CurveTable], *, title: str | None = None, images: 
     if not tables:
         return "\n".join(md + ["No results.", ""])
     md += ["Top-1 of the downstream classifier on each encoder's frozen features; columns are victim queries "
-           "paid. A cell of several results (seeds) reads mean [min–max].", ""]
+           "paid. A cell of several results (seeds) reads mean ± sample std (n).", ""]
     for t in tables:
         qs = t.queries
         cols = [_q(q) for q in qs] or ["top-1"]
@@ -274,13 +298,59 @@ def markdown(tables: Sequence[CurveTable], *, title: str | None = None, images: 
             row = [attack] + ([defense] if t.has_defense else []) + [_cell(pts.get(q)) for q in qs]
             md.append("| " + " | ".join(row) + " |")
         for enc, stat in t.references.items():
-            label = {"victim": "victim (reference)", "random": "random init (reference)"}.get(enc, enc)
+            label = _REFERENCE_LABELS.get(enc, enc)
             row = [label] + (["—"] if t.has_defense else []) + [_cell(stat)] * len(cols)
             md.append("| " + " | ".join(row) + " |")
+        md += [""] + noise_lines(t) + gain_lines(t)
         if images and (t.set, t.probe) in images:
             md += ["", f"![{t.set} {t.probe}]({images[(t.set, t.probe)]})"]
         md.append("")
     return "\n".join(md)
+
+
+def noise_lines(t: CurveTable, k: float = 2.0) -> list[str]:
+    """Per budget, the pairs of rows (attacks and references) whose difference exceeds seed noise."""
+    if not t.lines:
+        return []
+    out = [f"Seed noise ({NOISE_RULE}):"]
+    for q in t.queries:
+        cells = {_line_label(a, d): SeedStat(pts[q].values) for (a, d), pts in t.lines.items() if q in pts}
+        cells.update({_REFERENCE_LABELS.get(e, e): SeedStat(s.values) for e, s in t.references.items()})
+        pairs = noise_comparisons(cells, k)
+        yes = [p for p in pairs if p["beyond_noise"]]
+        unk = sum(1 for p in pairs if p["beyond_noise"] is None)
+        text = "; ".join(f"{p['a']} > {p['b']} (Δ {p['delta']:.3f})" for p in yes) or "none"
+        out.append(f"- {_q(q)} queries: beyond noise: {text}. Within noise: {len(pairs) - len(yes) - unk} pairs"
+                   + (f"; {unk} not judged (< 2 seeds)" if unk else "") + ".")
+    return out + [""]
+
+
+def gain_table(t: CurveTable, reference: str = "random") -> dict[tuple[str, str], dict[float, SeedStat]]:
+    """Per line and budget, the gain recovered ``(stolen − r) / (victim − r)`` of each seed, with ``r`` the mean of
+    the ``reference`` row (``random`` or ``victim_random``); {} when the table lacks the victim or the reference."""
+    if "victim" not in t.references or reference not in t.references:
+        return {}
+    v, r = t.references["victim"].mean, t.references[reference].mean
+    return {k: {q: SeedStat(gain_recovered(x, v, r) for x in s.values) for q, s in pts.items()}
+            for k, pts in t.lines.items()}
+
+
+def gain_lines(t: CurveTable) -> list[str]:
+    """Markdown: gain recovered per line and budget (mean ± std over seeds), vs. each random reference present."""
+    out: list[str] = []
+    for ref in ("random", "victim_random"):
+        g = gain_table(t, ref)
+        if not g:
+            continue
+        qs = t.queries
+        out += [f"Gain recovered, (stolen − r) / (victim − r) with r = {_REFERENCE_LABELS[ref]} "
+                f"({t.references[ref].mean:.3f}), per seed then mean ± std:", "",
+                "| attack | " + " | ".join(_q(q) for q in qs) + " |", "|" + "---|" * (len(qs) + 1)]
+        for key, pts in g.items():
+            cells = [_cell(Stat(pts[q].values)) if q in pts else "—" for q in qs]
+            out.append(f"| {_line_label(*key)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def csv_text(tables: Sequence[CurveTable]) -> str:
@@ -296,9 +366,9 @@ def csv_text(tables: Sequence[CurveTable]) -> str:
         for (attack, defense), pts in t.lines.items():
             for q, s in pts.items():
                 w.writerow([t.set, t.probe, "stolen", attack, defense, int(q) if float(q).is_integer() else q,
-                            num(s.mean), num(s.min), num(s.max), s.n])
+                            num(s.mean), num(s.std), num(s.min), num(s.max), s.n])
         for enc, s in t.references.items():
-            w.writerow([t.set, t.probe, enc, "", "", "", num(s.mean), num(s.min), num(s.max), s.n])
+            w.writerow([t.set, t.probe, enc, "", "", "", num(s.mean), num(s.std), num(s.min), num(s.max), s.n])
     return buf.getvalue()
 
 
@@ -318,7 +388,8 @@ def plot_table(t: CurveTable, path: str | Path, *, title: str | None = None) -> 
         ys = [pts[q].mean for q in xs]
         err = [[pts[q].mean - pts[q].min for q in xs], [pts[q].max - pts[q].mean for q in xs]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=_line_label(attack, defense))
-    styles = {"victim": dict(color="k", linestyle="--"), "random": dict(color="grey", linestyle=":")}
+    styles = {"victim": dict(color="k", linestyle="--"), "random": dict(color="grey", linestyle=":"),
+              "victim_random": dict(color="brown", linestyle=":")}
     for enc, s in t.references.items():
         ax.axhline(s.mean, linewidth=1.2, label=f"{enc} ({s.mean:.3f})", **styles.get(enc, dict(color="C7", linestyle="-.")))
     ax.set_xscale("log")

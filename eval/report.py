@@ -6,7 +6,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["gain_recovered", "build_report", "write_report", "markdown_table", "save_figure"]
+__all__ = ["gain_recovered", "build_report", "write_report", "markdown_table", "save_figure", "SeedStat",
+           "NOISE_RULE", "beyond_noise", "seed_cell", "noise_comparisons", "seed_table_markdown"]
+
+NOISE_RULE = ("a difference exceeds seed noise when |Δ mean| > 2 × the pooled sample std of the two cells "
+              "(each with ≥ 2 seeds); cells read mean ± sample std (n seeds)")
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
@@ -111,4 +115,103 @@ def write_report(rep: dict[str, Any], run_dir: str | Path) -> str:
     (d / "report.json").write_text(json.dumps(rep, indent=1, sort_keys=False))
     md = markdown_table(rep)
     (d / "report.md").write_text("# sslsteal report\n\n" + md)
+    return md
+
+
+# ---------------------------------------------------------------------------- seeds
+class SeedStat:
+    """The values of one cell over seeds: mean, sample std (ddof 1; 0 for one value), min, max, n."""
+
+    def __init__(self, values: Any = ()) -> None:
+        self.values: list[float] = [float(v) for v in values]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+    @property
+    def std(self) -> float:
+        if self.n < 2:
+            return 0.0
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1))
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+
+def beyond_noise(a: SeedStat, b: SeedStat, k: float = 2.0) -> bool | None:
+    """Whether ``a`` and ``b`` differ by more than seed noise (:data:`NOISE_RULE`): ``|Δ mean| > k × s_pooled``,
+    ``s_pooled = sqrt(((n_a − 1) s_a² + (n_b − 1) s_b²) / (n_a + n_b − 2))``. None when either cell has < 2 seeds
+    (no noise estimate). With k = 2 and 3 seeds a side this is a two-sided t-test at p ≈ 0.07."""
+    if a.n < 2 or b.n < 2:
+        return None
+    pooled = math.sqrt(((a.n - 1) * a.std ** 2 + (b.n - 1) * b.std ** 2) / (a.n + b.n - 2))
+    return abs(a.mean - b.mean) > k * pooled
+
+
+def seed_cell(s: SeedStat | None, pct: bool = False, digits: int = 3) -> str:
+    """``mean ± std (n)``; one value alone; ``—`` for no cell."""
+    if s is None or s.n == 0:
+        return "—"
+    f = 100.0 if pct else 1.0
+    d = 1 if pct else digits
+    return f"{f * s.mean:.{d}f}" if s.n == 1 else f"{f * s.mean:.{d}f} ± {f * s.std:.{d}f} ({s.n})"
+
+
+def noise_comparisons(cells: dict[str, SeedStat], k: float = 2.0) -> list[dict[str, Any]]:
+    """Every pair of ``cells`` (label → stat) with both means, ordered higher first: ``{'a', 'b', 'delta',
+    'beyond_noise'}`` (``beyond_noise`` None when a side has < 2 seeds)."""
+    out = []
+    labels = [lab for lab, s in cells.items() if s is not None and s.n]
+    for i, x in enumerate(labels):
+        for y in labels[i + 1:]:
+            a, b = (x, y) if cells[x].mean >= cells[y].mean else (y, x)
+            out.append({"a": a, "b": b, "delta": cells[a].mean - cells[b].mean,
+                        "beyond_noise": beyond_noise(cells[a], cells[b], k)})
+    return out
+
+
+def seed_table_markdown(table: dict[str, dict[str, SeedStat]], columns: list[str], *, row_header: str = "row",
+                        pct: bool = False, k: float = 2.0) -> list[str]:
+    """A Markdown table (rows × columns of :class:`SeedStat`) and, below it, per column the pairs of rows whose
+    difference exceeds seed noise (:func:`beyond_noise`) and how many pairs do not. In each column the highest
+    mean is **bold** and a cell within noise of it is marked ≈."""
+    md = ["| " + " | ".join([row_header] + columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    best: dict[str, str] = {}
+    for c in columns:
+        have = {r: cols[c] for r, cols in table.items() if c in cols and cols[c].n}
+        if have:
+            best[c] = max(have, key=lambda r: have[r].mean)
+    for r, cols in table.items():
+        cells = []
+        for c in columns:
+            s = cols.get(c)
+            text = seed_cell(s, pct)
+            if s is not None and s.n and c in best:
+                if best[c] == r:
+                    text = f"**{text}**"
+                elif beyond_noise(s, table[best[c]][c], k) is False:
+                    text += " ≈"
+            cells.append(text)
+        md.append("| " + " | ".join([r] + cells) + " |")
+    md += ["", f"Seed noise: {NOISE_RULE}; **bold** = the column's highest mean, ≈ = within noise of it.", ""]
+    for c in columns:
+        pairs = noise_comparisons({r: cols[c] for r, cols in table.items() if c in cols}, k)
+        yes = [p for p in pairs if p["beyond_noise"]]
+        unk = sum(1 for p in pairs if p["beyond_noise"] is None)
+        f = 100.0 if pct else 1.0
+        text = "; ".join(f"{p['a']} > {p['b']} (Δ {f * p['delta']:.{1 if pct else 3}f})" for p in yes) or "none"
+        md.append(f"- `{c}`: beyond noise: {text}. Within noise: {len(pairs) - len(yes) - unk} pairs"
+                  + (f"; {unk} pairs with < 2 seeds not judged" if unk else "") + ".")
+    md.append("")
     return md

@@ -271,8 +271,8 @@ def test_report_cli_on_stored_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "| attack | defense | 500 | 1,000 | 3,000 |" in md
     assert "| infonce | none | 0.610 | 0.680 | 0.738 |" in md
     assert "| infonce | noise | — | — | 0.640 |" in md
-    assert "| mse | none | 0.550 | 0.600 | 0.680 [0.660–0.700] |" in md
-    assert "| victim (reference) | — | 0.750 [0.748–0.752] | 0.750 [0.748–0.752] | 0.750 [0.748–0.752] |" in md
+    assert "| mse | none | 0.550 | 0.600 | 0.680 ± 0.028 (2) |" in md  # mean ± sample std (n seeds)
+    assert "| victim (reference) | — | 0.750 ± 0.003 (2) | 0.750 ± 0.003 (2) | 0.750 ± 0.003 (2) |" in md
     assert "| random init (reference) | — | 0.634 | 0.634 | 0.634 |" in md
     assert "| attack | 1,000 |" in md and "| victim (reference) | 0.850 |" in md  # digits: no defense column
 
