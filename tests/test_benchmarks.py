@@ -35,11 +35,20 @@ def _run(script: str, *args: str, timeout: int = 300) -> tuple[dict, str]:
 
 def test_steal_step_benchmark():
     out, text = _run("steal_step.py", "--width", "8", "--batch", "16", "--steps", "2", "--warmup", "1",
-                     "--queries", "64", "--cpu")
+                     "--queries", "64", "--epoch-repeats", "2", "--cpu")
     for k in ("steal_step_s", "plain_step_s", "online_step_s", "query_phase_img_s", "plain_inference_img_s"):
         assert out[k] > 0, k
     assert out["steal_step_ratio"] == pytest.approx(out["steal_step_s"] / out["plain_step_s"], rel=0.01)
     assert "steal step / plain supervised step" in text and "query phase / plain inference" in text
+    # the train-epoch section: two cached-answer runs and two plain runs, both sides measured
+    assert len(out["train_run_cpu_s"]) == len(out["plain_run_cpu_s"]) == 2
+    assert all(t > 0 for t in out["train_run_cpu_s"] + out["plain_run_cpu_s"] + out["train_run_wall_s"] + out["plain_run_wall_s"])
+    for key in ("train_epoch_ratio",):
+        for clock in ("wall", "cpu"):
+            lo, hi = out[f"{key}_{clock}_spread"]
+            assert 0 < lo <= out[f"{key}_{clock}"] <= hi, (key, clock)
+    assert out["train_epoch_ratio_cpu_fastest"] == pytest.approx(min(out["train_run_cpu_s"]) / min(out["plain_run_cpu_s"]), rel=0.01)
+    assert "cached-answer train run / plain supervised run" in text
 
 
 def test_reader_benchmark():
