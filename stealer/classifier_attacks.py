@@ -660,7 +660,8 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
             raw_s.eval()
             grad, l0 = zo_gradient(disagreement, xq, m=m, eps=cfg.fd_epsilon, gen=rng)
             opt_g.zero_grad(set_to_none=True)
-            img.backward(-(grad / bsz).to(dev))  # straight through the quantiser; ascend the loss
+            scaler = getattr(acc, "scaler", None)  # fp16: the step below unscales, so the backward is scaled
+            (scaler.scale(img) if scaler is not None else img).backward(-(grad / bsz).to(dev))  # straight through the quantiser; ascend the loss
             opt_g.step()
             loss_g = float(l0.mean())
             base_x = xq
