@@ -741,12 +741,7 @@ def train_clone(cache_dir: str | os.PathLike, *, clone_cfg: CloneConfig, cfg: Cl
     state = RunState(acc, ckpt_dir, config=settings, may_change=CLONE_MAY_CHANGE, force=cfg.resume_force, what="clone",
                      start_over=_START_OVER, rerun="rerun to resume (train.resume=auto)", steps_per_epoch=per_epoch)
     state.track(clone=clone, optimizer=opt, scheduler=sched)
-    epoch, start_batch, step = 0, 0, 0
-    found = state.resume(cfg.resume)
-    if found is not None:
-        epoch, start_batch, step = found["epoch"], found["batch"], found["step"]
-        if log is not None:
-            log(f"clone training resumed from {state.resumed_from} at epoch {epoch}, batch {start_batch} (step {step}/{steps})")
+    epoch, start_batch, step = state.resume_at(cfg.resume, steps, say=log or (lambda m: None), what="clone training ")
     model, opt = acc.prepare(clone, opt)
     raw = acc.unwrap_model(model)
     t0, last = time.time(), float("nan")

@@ -82,6 +82,7 @@ class RunState:
         self._on_stop: list[Callable[[], Any]] = []
         self.mine: dict[str, Any] = {}  # this rank's per-rank extras of the resumed checkpoint
         self.resumed_from: Path | None = None
+        self.found: dict[str, Any] | None = None
         self.last_saved_step: int | None = None
         self.preempt: Preemption | None = None
         if self.ckpt_dir is not None:
@@ -161,6 +162,19 @@ class RunState:
         self.resumed_from = path
         self.last_saved_step = int(state["step"]) if "step" in state else None
         return state
+
+    def resume_at(self, resume: str, total: int, say: Callable[[str], Any] | None = None,
+                  what: str = "") -> tuple[int, int, int]:
+        """:meth:`resume`, then ``(epoch, batch, step)`` to continue from (``(0, 0, 0)`` when nothing was
+        resumed), said on rank 0 (``print`` unless ``say``); the checkpoint dict is kept in ``self.found``."""
+        self.found = self.resume(resume)
+        if self.found is None:
+            return 0, 0, 0
+        epoch, batch, step = int(self.found["epoch"]), int(self.found["batch"]), int(self.found["step"])
+        if self.is_main:
+            (say or (lambda m: print(m, flush=True)))(
+                f"{what}resumed from {self.resumed_from} at epoch {epoch}, batch {batch} (step {step}/{total})")
+        return epoch, batch, step
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, per_rank: PerRank = None, **extra: Any) -> Path | None:

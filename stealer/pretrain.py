@@ -123,15 +123,10 @@ def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:
     sched = build_schedule(opt, total, int(cfg.warmup_epochs * len(stream)))
     mean, std = [0.5] * cfg.channels, [0.25] * cfg.channels
     wm = _Watermark(cfg, model.feature_dim, lr, total, len(stream), acc) if cfg.watermark.enabled else None
-    epoch, start_batch, step = 0, 0, 0
     state = RunState(acc, run / "ckpt", config=to_dict(cfg), may_change=RESUME_MAY_CHANGE, force=cfg.resume_force,
                      run_dir=run, steps_per_epoch=len(stream))
     state.track(model=model, optimizer=opt, scheduler=sched, **(wm.tracked() if wm is not None else {}))
-    found = state.resume(cfg.resume)
-    if found is not None:
-        epoch, start_batch, step = found["epoch"], found["batch"], found["step"]
-        if acc.is_main_process:
-            print(f"resumed from {state.resumed_from} at epoch {epoch}, batch {start_batch} (step {step}/{total})", flush=True)
+    epoch, start_batch, step = state.resume_at(cfg.resume, total)
     ddp, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(ddp)
     if wm is not None:

@@ -129,15 +129,10 @@ def train_classifier(cfg: ClassifierTrainConfig, accelerator: Any) -> Path:
     opt = build_optimizer("sgd", model, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     total = len(stream) * cfg.epochs
     sched = build_schedule(opt, total, int(cfg.warmup_epochs * len(stream)))
-    epoch, start_batch, step = 0, 0, 0
     state = RunState(acc, run / "ckpt", config=to_dict(cfg), may_change=RESUME_MAY_CHANGE, force=cfg.resume_force,
                      run_dir=run, steps_per_epoch=len(stream))
     state.track(model=model, optimizer=opt, scheduler=sched)
-    found = state.resume(cfg.resume)
-    if found is not None:
-        epoch, start_batch, step = found["epoch"], found["batch"], found["step"]
-        if acc.is_main_process:
-            print(f"resumed from {state.resumed_from} at epoch {epoch}, batch {start_batch} (step {step}/{total})", flush=True)
+    epoch, start_batch, step = state.resume_at(cfg.resume, total)
     ddp, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(ddp)
     bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="classifier", dynamic_ncols=True)
