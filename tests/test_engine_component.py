@@ -255,3 +255,55 @@ def test_every_loop_carries_the_grad_scaler_across_a_preemption(shards, tmp_path
     assert fresh.scaler.state_dict() == ref_scaler
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     np.testing.assert_equal(len(ref), len(got))
+
+
+TWO_RANKS = r'''
+import json, os, signal, sys, torch
+from launch.common import make_accelerator
+from stealer.engine import RunState
+from stealer.preempt import Preempted
+out = sys.argv[1]
+acc = make_accelerator(cpu=True)
+rank = acc.process_index
+torch.manual_seed(10 + rank)  # each rank its own stream
+model = torch.nn.Linear(2, 2)
+state = RunState(acc, f"{out}/ckpt", config={"x": 1}, run_dir=out).track(model=model)
+stopped_at = None
+try:
+    for step in range(1, 10):
+        torch.rand(4)
+        if step == 3 and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR2)  # the signal reaches one rank only
+        state.step_end(step, periodic=False, where=f"preempted at step {step}", epoch=0, batch=step)
+except Preempted as e:
+    stopped_at = step
+after = torch.rand(3).tolist()  # what this rank draws next, from the checkpointed state
+torch.manual_seed(999)
+again = RunState(acc, f"{out}/ckpt", config={"x": 1}, run_dir=out).track(model=model)
+found = again.resume("auto")
+json.dump({"stopped_at": stopped_at, "after": after, "resumed": torch.rand(3).tolist(), "step": found["step"],
+           "ranks": len(found["ranks"])}, open(f"{out}/rank{rank}.json", "w"))
+again.close()
+'''
+
+
+def test_two_ranks_agree_to_stop_and_each_gets_its_own_rng_back(tmp_path):
+    """USR2 on rank 1 only: both ranks stop at the same step (all-reduce), one checkpoint holds both
+    ranks' RNG states, and a resume gives each rank its own back."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "two.py").write_text(TWO_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(tmp_path / "two.py"), str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert a["stopped_at"] == b["stopped_at"] == 3 and a["step"] == b["step"] == 3 and a["ranks"] == 2
+    assert a["resumed"] == a["after"] and b["resumed"] == b["after"] and a["after"] != b["after"]
