@@ -23,6 +23,22 @@ and one that has its probe records (``curve_records.jsonl``) is not probed again
 resumes from its checkpoints and its response cache, so no query is paid twice. ``train_steps``
 sets each steal's epochs to ``ceil(steps / batches per epoch)``: the same optimisation effort at
 every budget. ``<out>/run_summary.json`` records each row's status, seconds and CPU seconds.
+
+Honest comparisons (issue 14):
+
+* ``seeds: [0, 1, 2]`` runs every row x budget once per seed (``seed=S`` of the steal: student init, views,
+  order; run ``<name>_<row>_q<B>_s<S>``, seed 0 keeps the unseeded name so earlier runs are reused). The
+  report reads each cell as mean ± sample std over seeds and lists, per budget, the pairs of rows whose
+  difference exceeds seed noise (eval.report.NOISE_RULE: |Δ mean| > 2 x pooled std).
+* ``lr_grid: [..]`` on an attack row: before the reported steals, the row is stolen at ``select_budget``
+  (default: the largest budget) and the first seed once per learning rate; each is probed on a
+  validation folder carved from probe-train (the images after the probe's ``train_limit``,
+  eval/validation.py; never the test split) and the best validation top-1 fixes ``train.lr`` for every
+  budget and seed of the row (``<out>/lr_choice.json``; the chosen run is reused as that cell).
+* ``controls: true`` adds ``<row>+random_teacher`` beside every row whose student sees augmented views
+  (every attack but plain ``direct``): the same steal, lr and budgets against a random-init victim of the
+  victim's architecture (``victim.random_init=true``). ``victim_random: true`` adds the random-init copy of
+  the victim's own architecture as a reference row of every probe table (the probe's ``control_teacher``).
 """
 from __future__ import annotations
 
@@ -82,6 +98,7 @@ class AttackRow:
     name: str = ""
     args: list[str] = field(default_factory=list)  # e.g. [train.loss=mse] or [attack.name=rda, attack.k=2]
     queries: QuerySpec | None = None  # this row's query set (None = the config's queries)
+    lr_grid: list[float] = field(default_factory=list)  # train.lr candidates chosen on the validation split ([] = none)
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", self.name or ""):
@@ -89,6 +106,8 @@ class AttackRow:
         for a in self.args:
             if "=" not in a:
                 raise ConfigError(f"attack row '{self.name}': '{a}' is not key=value")
+        if any(not isinstance(x, (int, float)) or x <= 0 for x in self.lr_grid) or len(set(self.lr_grid)) != len(self.lr_grid):
+            raise ConfigError(f"attack row '{self.name}': lr_grid={self.lr_grid} must be distinct positive learning rates")
 
 
 @dataclass
@@ -96,6 +115,11 @@ class CurvesConfig:
     name: str = "curves"
     out_dir: str = "runs/curves"
     seed: NonNegInt = 0
+    seeds: list[NonNegInt] = field(default_factory=list)  # every row x budget once per seed ([] = [seed])
+    controls: bool = False  # a random-teacher row beside every row whose student sees augmented views
+    victim_random: bool = True  # the random-init copy of the victim's architecture as a probe reference row
+    select_budget: PositiveInt | None = None  # lr_grid rows: the budget the lr is chosen at (None = the largest)
+    n_val: PositiveInt = 500  # lr_grid rows: validation images carved from probe-train after its train_limit
     steal_config: str = "launch/configs/demo.yaml"  # every steal starts from it
     steal_args: list[str] = field(default_factory=list)  # key=value for every steal
     probe_config: str = "launch/configs/demo_probe.yaml"
@@ -118,7 +142,13 @@ class CurvesConfig:
     def out(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    @property
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) or [self.seed]
+
     def validate(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds) or any(x < 0 for x in self.seeds):
+            raise ConfigError(f"seeds={self.seeds} must be distinct non-negative integers, e.g. [0, 1, 2]")
         if not self.budgets or any(b < 1 for b in self.budgets):
             raise ConfigError(f"budgets={self.budgets} is not valid; give positive query budgets, e.g. [250, 500, 1000, 3000]")
         if len(set(self.budgets)) != len(self.budgets):
@@ -147,6 +177,10 @@ class Row:
     steal_argv: list[str]
     query_dir: str  # the folder data.query points at (made by prepare_queries when it is a selection)
     source: str
+    seed: int = 0
+    lr: float | None = None  # train.lr of an lr_grid row (None = the steal config's)
+    control: bool = False  # the random-teacher control of row `base`
+    base: str = ""  # the attack row this steal belongs to
 
     @property
     def done_steal(self) -> bool:
@@ -193,23 +227,47 @@ def _source(cfg: CurvesConfig, spec: QuerySpec, base: StealConfig) -> str:
     return spec.source or base.data.query
 
 
-def _selection_dir(cfg: CurvesConfig, spec: QuerySpec, source: str, images: int) -> str:
+def _selection_dir(cfg: CurvesConfig, spec: QuerySpec, source: str, images: int, seed: int) -> str:
     knobs = f"_{spec.features}_c{spec.centres}_s{spec.spread:g}" if spec.strategy == "coverage" else ""
     src = _slug(Path(source).parent.name + "-" + Path(source).name)
-    return str(cfg.out / "queries" / f"{src}_{spec.strategy}{knobs}_n{images}_seed{cfg.seed}")
+    return str(cfg.out / "queries" / f"{src}_{spec.strategy}{knobs}_n{images}_seed{seed}")
 
 
-def plan_rows(cfg: CurvesConfig) -> list[Row]:
-    """Every attack row x budget as a validated steal; ConfigError (one line, naming the row) otherwise."""
+def _variants(cfg: CurvesConfig, ar: AttackRow) -> list[tuple[str, list[str], bool]]:
+    """(label, extra args, is control) of a row: itself, and its random-teacher control when asked and relevant."""
+    from eval.validation import sees_augmented_views
+
+    out = [(ar.name, [], False)]
+    if cfg.controls:
+        base = load_config(StealConfig, cfg.steal_config or None, list(cfg.steal_args) + list(ar.args))
+        if sees_augmented_views(getattr(getattr(base, "attack", None), "name", "direct"), base.train.augment):
+            out.append((f"{ar.name}+random_teacher", ["victim.random_init=true"], True))
+    return out
+
+
+def plan_rows(cfg: CurvesConfig, lr_choice: dict[str, float] | None = None, *, select: bool = False) -> list[Row]:
+    """Every attack row (and control) x budget x seed as a validated steal; ConfigError (one line, naming the row)
+    otherwise. An ``lr_grid`` row runs at ``lr_choice[row]`` (its first candidate while unchosen). With
+    ``select``: the lr-selection steals instead, every candidate of every ``lr_grid`` row at ``select_budget``
+    and the first seed (no controls)."""
     out: list[Row] = []
     runs = cfg.out / "runs"
     for ar in _rows_spec(cfg):
         spec = ar.queries or cfg.queries
-        for b in cfg.budgets:
-            tag = f"{cfg.name}_{ar.name}_q{b}"
-            where = f"attack row '{ar.name}' at budget {b}"
+        if select:
+            if not ar.lr_grid:
+                continue
+            cells = [(ar.name, [], False, lr, cfg.select_budget or max(cfg.budgets), cfg.seed_list[0]) for lr in ar.lr_grid]
+        else:
+            lr = (lr_choice or {}).get(ar.name, ar.lr_grid[0]) if ar.lr_grid else None
+            cells = [(label, extra, ctl, lr, b, sd) for label, extra, ctl in _variants(cfg, ar)
+                     for b in cfg.budgets for sd in cfg.seed_list]
+        for label, extra, ctl, lr, b, sd in cells:
+            tag = f"{cfg.name}_{label}" + (f"_lr{lr:g}" if lr is not None else "") + f"_q{b}" + (f"_s{sd}" if sd else "")
+            where = f"attack row '{label}' at budget {b}" + (f", seed {sd}" if len(cfg.seed_list) > 1 else "")
             argv = ["--config", cfg.steal_config] if cfg.steal_config else []
-            over = list(cfg.steal_args) + list(ar.args) + [f"name={tag}", f"out_dir={runs}", f"seed={cfg.seed}"]
+            over = (list(cfg.steal_args) + list(ar.args) + extra + ([f"train.lr={lr}"] if lr is not None else [])
+                    + [f"name={tag}", f"out_dir={runs}", f"seed={sd}"])
             try:
                 base = load_config(StealConfig, cfg.steal_config or None, over)
                 per_image = 1
@@ -221,7 +279,7 @@ def plan_rows(cfg: CurvesConfig) -> list[Row]:
                 if images < 1:
                     raise ConfigError(f"budget {b} buys no image at {per_image} queries per image; raise the budget")
                 source = _source(cfg, spec, base)
-                qdir = source if spec.strategy == "first" else _selection_dir(cfg, spec, source, images)
+                qdir = source if spec.strategy == "first" else _selection_dir(cfg, spec, source, images, sd)
                 over += [f"data.query={qdir}", f"query.num_queries={images}", f"victim.budget={b}"]
                 if cfg.train_steps:
                     per_epoch = math.ceil(images / base.train.batch_size)
@@ -229,8 +287,9 @@ def plan_rows(cfg: CurvesConfig) -> list[Row]:
                 load_config(StealConfig, cfg.steal_config or None, over)  # the final row validates too
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
-            out.append(Row(label=ar.name, attack=_attack_of(over), budget=b, images=images, per_image=per_image,
-                           tag=tag, run_dir=runs / tag, spec=spec, steal_argv=argv + over, query_dir=qdir, source=source))
+            out.append(Row(label=label, attack=_attack_of(over), budget=b, images=images, per_image=per_image,
+                           tag=tag, run_dir=runs / tag, spec=spec, steal_argv=argv + over, query_dir=qdir, source=source,
+                           seed=sd, lr=lr, control=ctl, base=ar.name))
     return out
 
 
@@ -264,7 +323,7 @@ def prepare_queries(cfg: CurvesConfig, r: Row) -> None:
         size = _row_cfg(cfg, r).data.image_size
         write_photo_patches(r.source, r.spec.size, size=size, seed=0)
     if r.spec.strategy != "first" and not (Path(r.query_dir) / "manifest.json").is_file():
-        select_queries(r.source, r.query_dir, r.images, r.spec.strategy, cfg.seed,
+        select_queries(r.source, r.query_dir, r.images, r.spec.strategy, r.seed,
                        r.spec.features if r.spec.strategy == "coverage" else None,
                        centres=r.spec.centres, spread=r.spec.spread)
 
@@ -317,13 +376,18 @@ def _probe_base(cfg: CurvesConfig, steal: StealConfig) -> list[str]:
             "control_teacher=false"]
 
 
-def probe_rows(cfg: CurvesConfig, rows: list[Row], steal: StealConfig, references: bool) -> tuple[float, float]:
-    """Probe ``rows`` (and the references when asked) in one launch/probe.py; write each row's records."""
+def probe_rows(cfg: CurvesConfig, rows: list[Row], steal: StealConfig, references: bool,
+               sets: list[str] | None = None, records: str = "curve_records.jsonl") -> tuple[float, float]:
+    """Probe ``rows`` (and the references when asked) in one launch/probe.py; write each row's records
+    (``records`` in its run folder). ``sets`` replaces the probe's sets (the validation split)."""
     pdir = cfg.out / "probes"
     name = f"p{len(list(pdir.glob('p*.yaml'))):03d}"
+    ctl = references and cfg.victim_random
     extra = _probe_base(cfg, steal) + [f"out_dir={pdir}", f"name={name}", f"random={'true' if references else 'false'}",
-                                       f"random_seeds={cfg.random_seeds}"]
+                                       f"random_seeds={cfg.random_seeds}", f"control_teacher={'true' if ctl else 'false'}"]
     pcfg = _probe_config(cfg, extra)
+    if sets is not None:
+        pcfg.sets = list(sets)
     pcfg.stolen = [f"{r.tag}={r.run_dir / 'student.pt'}" for r in rows]
     path = pdir / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,11 +401,13 @@ def probe_rows(cfg: CurvesConfig, rows: list[Row], steal: StealConfig, reference
         steal_out = json.loads((r.run_dir / "steal.json").read_text())
         recs = [{**ln, "encoder": "stolen", "attack": r.label, "attack_name": r.attack, "queries": _spent(r, steal_out),
                  "budget": r.budget, "images": r.images, "queries_per_image": r.per_image,
-                 "strategy": r.spec.strategy, "source": r.source, "query_set": r.query_dir, "seed": cfg.seed,
-                 "run": str(r.run_dir)} for ln in lines if ln["encoder"] == r.tag]
-        _write_jsonl(r.records_path, recs)
-    if references:
-        _write_jsonl(cfg.out / "references.jsonl", [ln for ln in lines if ln["encoder"] in ("victim", "random")])
+                 "strategy": r.spec.strategy, "source": r.source, "query_set": r.query_dir, "seed": r.seed,
+                 "lr": r.lr, "control": r.control, "run": str(r.run_dir)} for ln in lines if ln["encoder"] == r.tag]
+        _write_jsonl(r.run_dir / records, recs)
+    if references:  # the victim, each random-init student seed (random_<i>) and the random-init victim arch
+        _write_jsonl(cfg.out / "references.jsonl",
+                     [ln for ln in lines if ln["encoder"] in ("victim", "control_teacher")
+                      or re.fullmatch(r"random_\d+", ln["encoder"])])
     return wall, cpu
 
 
@@ -377,11 +443,21 @@ def report(cfg: CurvesConfig, rows: list[Row], summary: dict[str, Any]) -> dict[
             name = f"attack_{_slug(key[0])}_{_slug(t.set)}_{_slug(t.probe)}.png"
             pngs.append(plot_table(one, cfg.out / name, title=f"{key[0]}: {t.set} ({t.probe})").name)
     md = [res["markdown"].rstrip(), "", "## Per attack", ""] + [f"![{p}]({p})" for p in pngs]
+    if (cfg.out / "lr_choice.json").is_file():
+        md += ["", "## Learning rates chosen on the validation split", "",
+               "Each lr_grid row was stolen once per candidate (budget and seed below) and probed on probe-train images "
+               "after the probe's train_limit (never the test split); the best validation linear top-1 is used for every "
+               "budget and seed of the row (and of its random-teacher control).", "",
+               "| row | budget | seed | validation top-1 per lr | chosen |", "|---|---|---|---|---|"]
+        for name, c in json.loads((cfg.out / "lr_choice.json").read_text()).items():
+            cands = ", ".join(f"{x['lr']:g}: {x['top1']:.3f}" for x in c["candidates"])
+            md.append(f"| {name} | {c['budget']} | {c['seed']} | {cands} | {c['chosen']:g} |")
     steps = f"{cfg.train_steps} optimisation steps per steal" if cfg.train_steps else "the steal config's epochs"
     costs = [json.loads(f.read_text()) for f in [r.run_dir / "curve_cost.json" for r in rows] +
              sorted((cfg.out / "probes").glob("p*.cost.json")) if f.is_file()]
     md += ["", "## Run", "",
-           f"{len(rows)} steals ({len({r.label for r in rows})} attack rows x budgets {cfg.budgets}), {steps}; "
+           f"{len(rows)} steals ({len({r.label for r in rows})} attack rows x budgets {cfg.budgets} x seeds "
+           f"{cfg.seed_list}), {steps}; "
            f"each steal's ledger charged exactly its budget (queries = images x queries per image).",
            f"This invocation: {summary['stolen']} steals and {summary['probed']} probe runs, "
            f"{summary['wall_seconds'] / 60:.1f} wall minutes, {summary['cpu_seconds'] / 60:.1f} CPU minutes "
@@ -393,16 +469,10 @@ def report(cfg: CurvesConfig, rows: list[Row], summary: dict[str, Any]) -> dict[
     return {**res, "attack_pngs": pngs}
 
 
-def run_curves(cfg: CurvesConfig, log: Any = print) -> dict[str, Any]:
-    """Plan, check, steal, probe and report; returns the run summary (also ``<out>/run_summary.json``)."""
-    t_start, cpu_start = time.time(), _cpu()
-    rows = plan_rows(cfg)
-    steal0 = _row_cfg(cfg, rows[0])
-    probe = _probe_config(cfg, _probe_base(cfg, steal0))
-    preflight(cfg, rows, probe)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    status: dict[str, dict[str, Any]] = {}
+def _steal_rows(cfg: CurvesConfig, rows: list[Row], status: dict[str, dict[str, Any]], log: Any) -> None:
     for i, r in enumerate(rows, 1):
+        if r.tag in status:
+            continue
         if r.done_steal:
             status[r.tag] = {"steal": "done before"}
             continue
@@ -414,10 +484,62 @@ def run_curves(cfg: CurvesConfig, log: Any = print) -> dict[str, Any]:
                                f"(budget {r.budget}); see {r.run_dir / 'steal.log'}")
         status[r.tag] = {"steal": "ran", "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "spent": spent}
         _write_jsonl(r.run_dir / "curve_cost.json", [{"seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}])
-        log(f"[{i}/{len(rows)}] {r.label} q={r.budget}: stole in {wall:.0f} s ({cpu:.0f} CPU s), ledger {spent}")
+        log(f"[{i}/{len(rows)}] {r.label} q={r.budget} seed {r.seed}" + (f" lr {r.lr:g}" if r.lr is not None else "")
+            + f": stole in {wall:.0f} s ({cpu:.0f} CPU s), ledger {spent}")
+
+
+VAL_RECORDS = "val_records.jsonl"
+
+
+def select_lrs(cfg: CurvesConfig, probe: ProbeConfig, steal0: StealConfig, status: dict[str, dict[str, Any]],
+               log: Any) -> tuple[dict[str, float], int]:
+    """Steal every lr candidate, probe it on the validation split carved from probe-train, choose per row.
+
+    Returns ({row: chosen lr}, probe runs). ``<out>/lr_choice.json`` records the candidates' validation top-1."""
+    from eval.run import parse_set, present_sets
+    from eval.validation import carve_validation, choose_by_validation, write_json
+
+    sel = plan_rows(cfg, select=True)
+    if not sel:
+        return {}, 0
+    if not probe.train_limit:
+        raise ConfigError("lr_grid needs the probe's train_limit (the few-label probe's images): the validation split "
+                          "is carved from the probe-train images after them; set probe_args: [train_limit=500]")
+    set_name, train_dir, _ = parse_set(present_sets(probe.sets)[0])
+    val_dir = cfg.out / "validation" / f"{_slug(set_name)}_after{probe.train_limit}_n{cfg.n_val}"
+    carve_validation(train_dir, val_dir, skip=probe.train_limit, n=cfg.n_val)
+    _steal_rows(cfg, sel, status, log)
+    todo = [r for r in sel if not (r.run_dir / VAL_RECORDS).is_file()]
+    probed = 0
+    for j in range(0, len(todo), cfg.probe_chunk):
+        wall, _ = probe_rows(cfg, todo[j:j + cfg.probe_chunk], steal0, False, sets=[f"val:{train_dir}:{val_dir}"],
+                             records=VAL_RECORDS)
+        probed += 1
+        log(f"probed {len(todo[j:j + cfg.probe_chunk])} lr candidates on the validation split in {wall:.0f} s")
+    choice: dict[str, Any] = {}
+    for base in dict.fromkeys(r.base for r in sel):
+        recs = [{**rec, "lr": r.lr} for r in sel if r.base == base
+                for rec in map(json.loads, (r.run_dir / VAL_RECORDS).read_text().splitlines())]
+        choice[base] = {**choose_by_validation(recs, key="lr"), "budget": sel[0].budget, "seed": sel[0].seed,
+                        "validation": str(val_dir), "probe_train_limit": probe.train_limit}
+    write_json(cfg.out / "lr_choice.json", choice)
+    return {k: float(v["chosen"]) for k, v in choice.items()}, probed
+
+
+def run_curves(cfg: CurvesConfig, log: Any = print) -> dict[str, Any]:
+    """Plan, check, steal, probe and report; returns the run summary (also ``<out>/run_summary.json``)."""
+    t_start, cpu_start = time.time(), _cpu()
+    rows = plan_rows(cfg)
+    steal0 = _row_cfg(cfg, rows[0])
+    probe = _probe_config(cfg, _probe_base(cfg, steal0))
+    preflight(cfg, rows + plan_rows(cfg, select=True), probe)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    status: dict[str, dict[str, Any]] = {}
+    lrs, probed = select_lrs(cfg, probe, steal0, status, log)
+    rows = plan_rows(cfg, lrs)
+    _steal_rows(cfg, rows, status, log)
     todo = [r for r in rows if not r.records_path.is_file()]
     refs = not (cfg.out / "references.jsonl").is_file()
-    probed = 0
     for j in range(0, max(len(todo), 1 if refs else 0), cfg.probe_chunk):
         chunk = todo[j:j + cfg.probe_chunk] or rows[:1]  # the references need a stolen encoder's architecture
         wall, cpu = probe_rows(cfg, chunk, steal0, refs)

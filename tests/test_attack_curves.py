@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
         "cpu": True, "data": {"query": str(data / "animal_mnist" / "query"), "image_size": 16, "channels": 1},
         "victim": {"checkpoint": str(victim)}, "query": {"batch_size": 60},
         "student": {"arch": "resnet18", "width": 8, "stem": "small"},
-        "train": {"batch_size": 32, "epochs": 1, "warmup_epochs": 0, "ckpt_every": 0, "lr": 0.5}}))
+        "train": {"batch_size": 32, "epochs": 1, "warmup_epochs": 0, "ckpt_every": 100, "lr": 0.5}}))
     probe = root / "probe.yaml"
     probe.write_text(yaml.safe_dump({"cpu": True, "steps": 20, "knn_k": 5, "image_size": 16, "channels": 1,
                                      "sets": [f"animal:{data / 'animal_mnist' / 'probe_train'}:{data / 'animal_mnist' / 'probe_test'}"]}))
@@ -73,8 +73,10 @@ def test_curves_rows_ledger_report_and_resume(setup):
     bal = [r for r in stolen if r["attack"] == "second" and r["queries"] == 40][0]
     sel = json.loads((Path(bal["query_set"]) / "manifest.json").read_text())["selection"]
     assert sel["strategy"] == "class_balanced" and sorted(sel["class_counts"].values()) == [bal["images"] // 10] * 10
-    assert {r["encoder"] for r in recs} == {"stolen", "victim", "random"}
+    # references: the victim, each random-init student seed and the random-init copy of the victim's architecture
+    assert {r["encoder"] for r in recs} == {"stolen", "victim", "random_0", "control_teacher"}
     md = (out / "curves.md").read_text()
+    assert "| random-init victim arch (reference) |" in md and "| random init (reference) |" in md
     assert "| infonce |" in md and "| second |" in md and "victim (reference)" in md and "| 40 | 80 |" in md
     assert (out / "accuracy_vs_queries_animal_linear.png").stat().st_size > 1000
     assert (out / "attack_second_animal_linear.png").is_file() and "second,none,40" in (out / "curves.csv").read_text()
