@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["gain_recovered", "build_report", "write_report", "markdown_table", "save_figure", "SeedStat",
-           "NOISE_RULE", "beyond_noise", "seed_cell", "noise_comparisons", "seed_table_markdown"]
+           "NOISE_RULE", "beyond_noise", "seed_cell", "noise_comparisons", "seed_table_markdown", "defense_seed_table"]
 
 NOISE_RULE = ("a difference exceeds seed noise when |Δ mean| > 2 × the pooled sample std of the two cells "
               "(each with ≥ 2 seeds); cells read mean ± sample std (n seeds)")
@@ -215,3 +215,33 @@ def seed_table_markdown(table: dict[str, dict[str, SeedStat]], columns: list[str
                   + (f"; {unk} pairs with < 2 seeds not judged" if unk else "") + ".")
     md.append("")
     return md
+
+
+def defense_seed_table(per_seed: dict[int, list[dict[str, Any]]], *, title: str = "Defense x attack table",
+                       k: float = 2.0) -> str:
+    """Markdown of a defense table run once per seed (``per_seed[seed]`` = that run's cell rows, each with
+    ``defense``, ``attack``, ``stolen_top1`` and ``honest_top1``): stolen top-1 (%) per defense x attack and the
+    honest user's top-1 per defense as mean ± sample std over seeds, with the pairs beyond seed noise
+    (:data:`NOISE_RULE`) per attack column."""
+    stolen: dict[str, dict[str, SeedStat]] = {}
+    honest: dict[str, dict[str, SeedStat]] = {}
+    attacks: list[str] = []
+    for rows in per_seed.values():
+        for r in rows:
+            if r["attack"] not in attacks:
+                attacks.append(r["attack"])
+            if r.get("stolen_top1") is not None:
+                stolen.setdefault(r["defense"], {}).setdefault(r["attack"], SeedStat()).values.append(r["stolen_top1"])
+    for rows in per_seed.values():
+        for d in dict.fromkeys(r["defense"] for r in rows):
+            h = next(r.get("honest_top1") for r in rows if r["defense"] == d)
+            if h is not None:
+                honest.setdefault(d, {}).setdefault("honest utility", SeedStat()).values.append(h)
+    seeds = sorted(per_seed)
+    md = [f"# {title}: {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+          "Each seed is a full run of the table (the steal's seed and the probe's); accuracies in %.", "",
+          "## Stolen top-1 (defense x attack)", ""]
+    md += seed_table_markdown(stolen, attacks, row_header="defense", pct=True, k=k)
+    md += ["## Honest user's top-1 (defense)", ""]
+    md += seed_table_markdown(honest, ["honest utility"], row_header="defense", pct=True, k=k)
+    return "\n".join(md)

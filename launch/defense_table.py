@@ -107,6 +107,9 @@ class DefenseTableConfig:
     name: str = "defense_table"
     out_dir: str = "runs"
     seed: NonNegInt = 0
+    # the whole table once per seed (<out>/<name>/seed<S>/, each cached like a one-seed table) and
+    # <out>/<name>/defense_table_seeds.md: mean ± std over seeds, pairs beyond seed noise ([] = one run at seed)
+    seeds: list[NonNegInt] = field(default_factory=list)
     cpu: bool = True
     budget: PositiveInt = 1500  # queries per attack (every attack spends exactly this)
     victim: str = "runs/demo/victim/checkpoint.pth.tar"
@@ -127,6 +130,8 @@ class DefenseTableConfig:
         return Path(self.out_dir) / self.name
 
     def validate(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ConfigError(f"seeds={self.seeds} must be distinct non-negative integers, e.g. [0, 1, 2]")
         for a in self.attacks:
             if a not in ATTACKS:
                 raise ConfigError(f"attacks entry {a!r} is not valid; choose from: {', '.join(ATTACKS)}")
@@ -600,13 +605,30 @@ def _victim_probe(cfg: DefenseTableConfig, encoder: Any) -> float:
     return float(linear_probe(xtr, ytr, xte, yte, steps=p.steps, seed=cfg.seed)["top1"])
 
 
+def run_seeds(cfg: DefenseTableConfig, acc: Any) -> list[dict[str, Any]]:
+    """The table once per seed of ``cfg.seeds`` (``<name>/seed<S>``; finished cells reused), then the seed table
+    ``<name>/defense_table_seeds.md`` (eval.report.defense_seed_table). Returns every cell row with its ``seed``."""
+    import dataclasses
+
+    from eval.report import defense_seed_table
+
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for s in cfg.seeds:
+        per_seed[s] = [{**r, "seed": s} for r in run_table(dataclasses.replace(cfg, seed=s, seeds=[], name=f"{cfg.name}/seed{s}"), acc)]
+    (cfg.run_dir / "defense_table_seeds.md").write_text(defense_seed_table(per_seed, title=f"Defense x attack table ({cfg.name})"))
+    return [r for rows in per_seed.values() for r in rows]
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cfg = parse_job_args(DefenseTableConfig, __doc__, argv)
     acc = make_accelerator(cfg.cpu, "no")
     if acc.num_processes > 1:
         fail("launch/defense_table.py runs in one process (its cells are small); run it with python, not accelerate/torchrun")
     try:
-        rows = run_table(cfg, acc)
+        if cfg.seeds:
+            rows = run_seeds(cfg, acc)
+        else:
+            rows = run_table(cfg, acc)
     except (FileNotFoundError, ValueError, ImportError, ConfigError) as e:
         fail(str(e).splitlines()[0])
     except RuntimeError as e:

@@ -165,3 +165,38 @@ def test_shipped_configs_load_and_every_chain_builds(name):
         build_defenses([{k: (None if v == "calibrate" and k == "center" else 0.5 if v == "calibrate" else v)
                          for k, v in d.items()} for d in chain])
     assert any(d.get("n_bits") == 5 and d.get("center") == "calibrate" for c in cfg.defenses.values() for d in c)
+
+
+def test_table_per_seed_then_mean_std_and_noise(tiny, tmp_path):
+    """seeds=[0,1]: the table runs once per seed (steal seed differs, cells cached per seed), and the seed table
+    reads each cell as the mean ± sample std of the per-seed results."""
+    import statistics
+
+    import yaml
+
+    from launch.defense_table import main
+
+    root, victim = tiny
+    d = f"{root}/data"
+    argv = [f"out_dir={tmp_path}", "name=s", "budget=60", f"victim={victim}", "image_size=16", "seeds=[0,1]",
+            "defenses={none: [], noise: [{name: noise, sigma: 0.5}]}", "attacks=[direct]", "watermark.enabled=false",
+            f"steal={{data.query: {d}/animal_mnist/query, student.width: 8, train.epochs: 1, train.batch_size: 30, "
+            f"query.batch_size: 60}}",
+            f"probe.train={d}/animal_mnist/probe_train", f"probe.test={d}/animal_mnist/probe_test", "probe.n_train=null",
+            "probe.steps=20", f"honest.train={d}/digits/probe_train", f"honest.test={d}/digits/probe_test",
+            "honest.n_train=40", "honest.n_test=24", "honest.steps=20", f"calibration.data={d}/animal_mnist/victim_train",
+            "calibration.n=60"]
+    rows = main(argv)
+    assert sorted((r["seed"], r["defense"]) for r in rows) == [(0, "noise"), (0, "none"), (1, "noise"), (1, "none")]
+    out = tmp_path / "s"
+    for s in (0, 1):  # each seed is a full table run with the steal at that seed
+        assert yaml.safe_load((out / f"seed{s}" / "config.yaml").read_text())["seed"] == s  # its cells steal at seed s
+        assert (out / f"seed{s}" / "defense_table.md").is_file()
+    a = [r["stolen_top1"] for r in rows if r["defense"] == "noise"]
+    md = (out / "defense_table_seeds.md").read_text()
+    cell = f"{100 * statistics.mean(a):.1f} ± {100 * statistics.stdev(a):.1f} (2)"
+    assert f"| noise | {cell}" in md or f"| noise | **{cell}**" in md
+    assert "Seed noise: a difference exceeds seed noise when |Δ mean| > 2 × the pooled sample std" in md
+    assert "- `direct`: beyond noise:" in md
+    again = main(argv)  # every cell cached per seed: the same results
+    assert sorted(r["stolen_top1"] for r in again) == sorted(r["stolen_top1"] for r in rows)
