@@ -145,3 +145,13 @@ def test_seeded_curves_choose_lr_on_validation_and_run_controls(seeded):
     assert "Learning rates chosen on the validation split" in md and "random-init victim arch (reference)" in md
     again = main(["--config", str(cfg)])  # every cell cached: nothing stolen or probed again
     assert again["stolen"] == 0 and again["probed"] == 0
+
+
+@pytest.mark.parametrize("name,rows,select", [("curves_seeds.yaml", 18, 3), ("curves_attacks_seeds.yaml", 90, 18)])
+def test_shipped_seeded_configs_plan(name, rows, select):
+    repo = Path(__file__).resolve().parents[1]
+    c = load_config(CurvesConfig, repo / "launch" / "configs" / name)
+    planned = plan_rows(c)
+    assert len(planned) == rows and len(plan_rows(c, select=True)) == select and c.seed_list == [0, 1, 2]
+    assert {r.budget for r in planned} >= {160, 800}  # 1/25 and 1/5 of the victim's 4,000 training images
+    assert all(r.images * r.per_image <= r.budget for r in planned)
