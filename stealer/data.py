@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-__all__ = ["ShardSet", "open_shards", "epoch_batches", "ShardStream", "decode_image", "load_npy"]
+__all__ = ["ShardSet", "open_shards", "epoch_batches", "ShardStream", "decode_image", "load_npy", "ViewDecode",
+           "view_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,79 @@ def decode_image(data: bytes, channels: int, size: int | None) -> np.ndarray:
             im = im.crop((left, top, left + size, top + size))
         arr = np.asarray(im)
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+@dataclass(frozen=True)
+class ViewDecode:
+    """``bytes -> uint8 [size, size, C]``: the field of view a victim was shown, at the student's ``size``.
+
+    A victim with a declared geometry (``victims.preprocess``: torchvision ``Resize(resize)`` of the
+    shorter side, then ``CenterCrop(crop)``) answered about the central ``crop / resize`` of each image;
+    the student must be trained on that view, not on :func:`decode_image`'s full centre square. Per
+    recorded geometry:
+
+    * resize and crop: ``Resize(round(size * resize / crop))`` + ``CenterCrop(size)`` -- the same field
+      of view; when ``size == crop`` exactly the victim's ``Resize(resize)`` + ``CenterCrop(crop)``, so
+      the pixels equal those the victim was fed (``victims.preprocess.ExactDecode``);
+    * crop only: the central ``crop`` x ``crop`` pixels, resized to ``size`` x ``size`` when ``size != crop``;
+    * resize only (the victim saw the whole, non-square image): the largest centred square,
+      ``Resize(size)`` + ``CenterCrop(size)``.
+
+    Picklable (loader workers run it). Built by :func:`view_decoder` from a cache's record.
+    """
+
+    channels: int
+    size: int
+    resize: int | None
+    crop: int | None
+    interpolation: str = "bilinear"
+
+    def geometry(self) -> tuple[int | None, int | None, int | None]:
+        """``(resize, crop, then)`` applied per image: torchvision Resize, CenterCrop, then a square resize (or None)."""
+        r, c, s = self.resize, self.crop, self.size
+        if c is None:
+            return s, s, None
+        if r is None:
+            return None, c, (s if s != c else None)
+        if s == c:
+            return r, c, None
+        return max(1, round(s * r / c)), s, None
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        from victims.preprocess import ExactDecode
+
+        resize, crop, then = self.geometry()
+        arr = ExactDecode(self.channels, resize, crop, self.interpolation)(data)
+        if then is not None:
+            from PIL import Image
+            from torchvision.transforms import functional as TF
+
+            from victims.preprocess import _mode
+
+            im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+            arr = np.asarray(TF.resize(im, [then, then], interpolation=_mode(self.interpolation)))
+            arr = arr[:, :, None] if arr.ndim == 2 else arr
+        return arr
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records of this view (a resume under another view is refused)."""
+        resize, crop, then = self.geometry()
+        return {"victim_resize": self.resize, "victim_crop": self.crop, "interpolation": self.interpolation,
+                "size": self.size, "resize": resize, "crop": crop, "then": then}
+
+
+def view_decoder(record: dict[str, Any] | None, channels: int, size: int) -> ViewDecode | None:
+    """The student's decoder for images a victim answered under ``record`` (a response cache's
+    ``victim_preprocess``, :func:`victims.preprocess.cache_record`); None when the record declares
+    no geometry (the project's own victims, ``none``, caches made before it was recorded): the
+    stream's :func:`decode_image` at ``size``, as before."""
+    if not record:
+        return None
+    resize, crop = record.get("resize"), record.get("crop")
+    if resize is None and crop is None:
+        return None
+    return ViewDecode(int(channels), int(size), None if resize is None else int(resize), None if crop is None else int(crop),
+                      str(record.get("interpolation") or "bilinear"))
 
 
 _WARNED_SHARDS: set[str] = set()  # damaged shards already named on this process's stderr

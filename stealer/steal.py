@@ -41,7 +41,7 @@ from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
 from stealer.preempt import Preempted, Preemption
 from stealer.student import StolenEncoder, save_student
 
-__all__ = ["StealConfig", "AttackConfig", "run_query_phase", "run_train_phase", "steal_step", "QueryTarget"]
+__all__ = ["StealConfig", "AttackConfig", "run_query_phase", "run_train_phase", "train_stream", "steal_step", "QueryTarget"]
 
 log = logging.getLogger(__name__)
 
@@ -455,6 +455,42 @@ def _check_views(cfg: StealConfig, attack: Any, cache_dir: Path) -> None:
                          f"run its query phase under a new run name (name=...)")
 
 
+def _view_text(view: Any) -> str:
+    resize, crop, then = view.geometry()
+    geo = " + ".join([f"Resize {resize}"] * (resize is not None) + [f"CenterCrop {crop}"] + [f"Resize {then}x{then}"] * (then is not None))
+    return f"{geo} ({view.interpolation}), victim Resize {view.resize} + CenterCrop {view.crop}"
+
+
+def train_stream(cfg: StealConfig, shards: Any, *, rank: int = 0, world: int = 1,
+                 device: Any = None) -> tuple[ShardStream, Any]:
+    """The train phase's stream over the response cache ``shards`` and the view it decodes (None: today's).
+
+    The student is fed the field of view the victim answered about: the geometry the cache records
+    (``cache.json``'s ``victim_preprocess``, so a train-only job reads it too) scaled to
+    ``data.image_size`` (:class:`stealer.data.ViewDecode`; with ``data.image_size`` equal to the victim's
+    crop, the very pixels the victim was fed). That decoded image is the un-augmented anchor every attack
+    starts from; with ``train.augment`` (and the attacks' own augmentations) the augmented views are
+    drawn from it too, i.e. from the victim's field of view -- the queried views of contsteal/rda/
+    head_recreation (``keyed_views``) are made from that same image in the query phase. A cache recording
+    no geometry (the project's own victims, ``none``, older caches) is decoded at ``data.image_size`` as before.
+    """
+    from stealer.data import view_decoder
+
+    meta_path = Path(shards.root) / "cache.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    view = view_decoder(meta.get("victim_preprocess"), cfg.data.channels, cfg.data.image_size)
+    on_device = cfg.data.decode == "device"
+    if view is not None and on_device:
+        raise ValueError(f"data.decode=device cannot decode the view the victim answered about (response cache {shards.root} "
+                         f"records {_view_text(view)}: torchvision's, per image, on the CPU); set data.decode=cpu")
+    stream = ShardStream(shards, batch_size=cfg.train.batch_size, rank=rank, world=world, seed=cfg.seed, shuffle=True,
+                         workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, channels=cfg.data.channels,
+                         image_size=cfg.data.image_size, drop_last=cfg.train.drop_last,
+                         pin_memory=device is not None and torch.device(device).type == "cuda",
+                         decode_device=device if on_device else None, decoder=view)
+    return stream, view
+
+
 def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     """Train the stolen encoder on the cached responses; returns final metrics."""
     from tqdm.auto import tqdm
@@ -470,11 +506,7 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     out_dim = int(shards.manifest.get("responses", {}).get("dim") or 0)
     if out_dim <= 0:
         raise ValueError(f"response cache {run / 'cache'} does not record the response dim; rerun the query phase")
-    stream = ShardStream(shards, batch_size=cfg.train.batch_size, rank=rank, world=world, seed=cfg.seed, shuffle=True,
-                         workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, channels=cfg.data.channels,
-                         image_size=cfg.data.image_size, drop_last=cfg.train.drop_last,
-                         pin_memory=acc.device.type == "cuda",
-                         decode_device=acc.device if cfg.data.decode == "device" else None)
+    stream, view = train_stream(cfg, shards, rank=rank, world=world, device=acc.device)
     steps_per_epoch = len(stream)
     extra_epochs = attack.extra_epochs(cfg)  # epochs before the student's (head_recreation: its head)
     torch.manual_seed(cfg.seed)
@@ -490,12 +522,22 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     extras = attack.setup(cfg, out_dim)
 
     epoch, start_batch, step = 0, 0, 0
-    state = RunState(acc, run / "ckpt", config=to_dict(cfg), may_change=RESUME_MAY_CHANGE, force=cfg.resume_force,
+    # the view of the cached images the student trains on is a setting like any other: a resume under another is refused
+    state = RunState(acc, run / "ckpt", config={**to_dict(cfg), "train_view": view.record() if view else None},
+                     may_change=RESUME_MAY_CHANGE, force=cfg.resume_force,
                      keep=cfg.train.keep, run_dir=run, steps_per_epoch=steps_per_epoch)
     state.track(student=student, optimizer=opt, scheduler=sched)
     found = state.resume(cfg.resume)
     if found is not None:
         path = state.resumed_from
+        if view is not None and "train_view" not in found.get("config", {}):  # written before the view was recorded
+            msg = (f"checkpoint {path} was trained on the full centre square of the cached images (written before the "
+                   f"victim's view was used), this run trains on the victim's view ({_view_text(view)})")
+            if not cfg.resume_force:
+                raise ValueError(f"{msg}; use a new run name (name=...), resume=none to start over, or resume_force=true "
+                                 f"to resume anyway")
+            if _is_main(acc):
+                print(f"warning: resume_force: {msg}", flush=True)
         if found.get("cache_samples", shards.num_samples) != shards.num_samples:
             raise ValueError(f"the response cache {run / 'cache'} changed since checkpoint {path} "
                              f"({found['cache_samples']} → {shards.num_samples} samples); use a new run name or resume=none")
