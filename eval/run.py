@@ -1,7 +1,6 @@
 """Compare encoders on downstream sets: linear-probe top-1 per (encoder, set) and fidelity to the victim."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from eval.probe import linear_probe
 from eval.stream_run import MODES, probe_streamed
 from stealer.config import (Channels, ConfigError, Momentum, NonNegFloat, NonNegInt, OneOf, PositiveFloat, PositiveInt,
                             check_victim_preprocess, choice)
+from stealer.jsonsafe import dumps as json_dumps
 from stealer.student import StolenEncoder, load_student
 
 __all__ = ["ProbeConfig", "run_probe", "parse_set"]
@@ -239,7 +239,8 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
                 for enc_name in results:
                     r = dict(results[enc_name][set_name])
                     knn = r.pop("knn", None)
-                    fh.write(json.dumps({"encoder": enc_name, "set": set_name, "probe": "linear", **r}) + "\n")
+                    # strict JSON: a kNN top5 with < 5 classes (or any other undefined metric) is null, not NaN
+                    fh.write(json_dumps({"encoder": enc_name, "set": set_name, "probe": "linear", **r}) + "\n")
                     if knn is not None:
-                        fh.write(json.dumps({"encoder": enc_name, "set": set_name, "probe": "knn", **knn}) + "\n")
+                        fh.write(json_dumps({"encoder": enc_name, "set": set_name, "probe": "knn", **knn}) + "\n")
     return results

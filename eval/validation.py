@@ -8,12 +8,13 @@ nor is the test split ever read before the choice is fixed (:func:`choose_by_val
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
+
+from stealer.jsonsafe import dumps as json_dumps
 
 __all__ = ["carve_validation", "choose_by_validation", "sees_augmented_views"]
 
@@ -66,7 +67,7 @@ def choose_by_validation(records: Iterable[dict[str, Any]], *, key: str = "lr", 
             continue
         if r.get("set") != split:
             raise ValueError(f"model selection read a '{r.get('set')}' record; it may only read the '{split}' split")
-        top1 = float(r["top1"])
+        top1 = math.nan if r.get("top1") is None else float(r["top1"])  # null (strict JSON) or NaN: undefined
         cands.append((r[key], -math.inf if math.isnan(top1) else top1))
     if not cands:
         raise ValueError(f"no '{split}' {probe} records to choose {key} from")
@@ -82,5 +83,5 @@ def sees_augmented_views(attack: str, train_augment: bool) -> bool:
 
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json_dumps(obj, indent=1))  # strict JSON: an undefined top-1 is null
     tmp.replace(path)

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -49,8 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
             fail(str(e).splitlines()[0])
         raise
     if acc.is_main_process:
-        (cfg.run_dir / "steal.json").write_text(json.dumps(out, indent=1))
-        print(json.dumps(out, indent=1))
+        from stealer.jsonsafe import dumps as json_dumps  # strict JSON: a diverged (NaN) final_loss is null
+
+        (cfg.run_dir / "steal.json").write_text(json_dumps(out, indent=1))
+        print(json_dumps(out, indent=1))
     acc.end_training()
     return out
 

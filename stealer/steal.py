@@ -36,6 +36,7 @@ from stealer.config import (Channels, ConfigError, Fraction, MixedPrecision, Mom
                             PositiveFloat, PositiveInt, check_victim_preprocess, choice, save_config, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
+from stealer.jsonsafe import dumps as json_dumps
 from stealer.losses import LOSSES, default_temperature, get_loss
 from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
 from stealer.preempt import Preempted, Preemption
@@ -597,7 +598,7 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{lv:.4f}", ips=f"{ips:.0f}")
                 if _is_main(acc):
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                        f.write(json_dumps(last) + "\n")  # strict JSON: a diverged (NaN) loss is null
             state.step_end(step, periodic=cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0,
                            where=f"preempted at step {step}/{total}", epoch=epoch, batch=batch["index"] + 1)
         epoch, start_batch = epoch + 1, 0
