@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError, ImportError, ConnectionError, OSError) as e:
         fail(str(e).splitlines()[0])
     except RuntimeError as e:
-        if type(e).__name__ == "BudgetExceeded":
+        from victims.ledger import BudgetExceeded  # the one class, raised in-process and for HTTP's 402
+
+        if isinstance(e, BudgetExceeded):
             cached = cfg.run_dir / "cache"
             fail(f"{e}; every response paid for so far is kept in {cached}; raise victim.budget or lower query.num_queries and rerun")
         if type(e).__name__ == "VictimHTTPError":

@@ -21,22 +21,17 @@ import json
 import os
 import secrets
 import tarfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from stealer.shards import make_manifest, tar_writer, write_manifest
+from victims.atomic import atomic_write_json, atomic_write_text, create_once
+
 __all__ = ["CacheWriteError", "ResponseCache"]
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _pre_text(rec: Any) -> str:
@@ -79,7 +74,7 @@ class ResponseCache:
                 with tarfile.open(tar) as t:
                     keys = sorted({m.name.split(".", 1)[0] for m in t.getmembers()})
                 meta = {"count": len(keys), "keys": keys}
-                side.write_text(json.dumps(meta))
+                atomic_write_json(side, meta, indent=None)
                 out.append((tar, meta))
         return out
 
@@ -113,25 +108,13 @@ class ResponseCache:
     def write_meta(self, meta: dict[str, Any]) -> None:
         path = self.root / "cache.json"
         if not path.is_file():
-            tmp = path.with_name(f"cache.json.tmp{self.rank}")
-            tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            atomic_write_json(path, meta, sort_keys=True)
 
     # -- the purchase journal -----------------------------------------------------------------
     def run_id(self) -> str:
         """This cache's random id (``run_id``, made once, atomically, by whichever rank comes first):
         with the image keys it names a purchase (:meth:`batch_key`), so a new cache buys anew."""
-        path = self.root / "run_id"
-        if not path.is_file() or not path.read_text().strip():
-            tmp = self.root / f"run_id.tmp{os.getpid()}"
-            tmp.write_text(secrets.token_hex(16) + "\n")
-            try:
-                os.link(tmp, path)  # fails if another rank made it first: theirs wins
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink(missing_ok=True)
-        return path.read_text().strip()
+        return create_once(self.root / "run_id", secrets.token_hex(16))
 
     def batch_key(self, user: str, keys: Sequence[str]) -> str:
         """The idempotency key of buying the answers to ``keys`` for ``user`` in this cache."""
@@ -164,12 +147,7 @@ class ResponseCache:
         purchases not yet cached. An empty list removes the journal."""
         keep = self.root / "journal-r000.jsonl"
         if intents:
-            tmp = self.root / f"journal.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps({"batch": b, "keys": list(k)}) + "\n" for b, k in intents)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, keep)
+            atomic_write_text(keep, "".join(json.dumps({"batch": b, "keys": list(k)}) + "\n" for b, k in intents))
         for path in self.root.glob("journal-r*.jsonl"):
             if not intents or path != keep:
                 path.unlink(missing_ok=True)
@@ -189,26 +167,19 @@ class ResponseCache:
         name = f"resp-r{self.rank:03d}-{seq:06d}"
         tar_path = self.root / f"{name}.tar"
         side = self.root / f"{name}.json"
-        tmp = self.root / f"{name}.tar.tmp"
         resp = np.asarray(responses).astype(_DTYPES[self.dtype])
-        side_tmp = side.with_name(side.name + ".tmp")
         try:
-            side_tmp.write_text(json.dumps({"count": len(keys), "keys": list(keys)}))
-            os.replace(side_tmp, side)
-            with tarfile.open(tmp, "w") as tar:
+            atomic_write_json(side, {"count": len(keys), "keys": list(keys)}, indent=None)
+            with tar_writer(tar_path) as add:  # the shard format's own writer: the tar appears only complete
                 for k, (ext, data), lab, r in zip(keys, images, labels, resp):
-                    _add(tar, f"{k}.{ext}", data)
+                    add(f"{k}.{ext}", data)
                     if int(lab) >= 0:
-                        _add(tar, f"{k}.cls", str(int(lab)).encode())
+                        add(f"{k}.cls", str(int(lab)).encode())
                     buf = io.BytesIO()
                     np.save(buf, r, allow_pickle=False)
-                    _add(tar, f"{k}.npy", buf.getvalue())
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, tar_path)
+                    add(f"{k}.npy", buf.getvalue())
         except OSError as e:  # a full disk or quota: leave the folder as it was (earlier shards intact)
-            for leftover in (tmp, side_tmp, side):
-                leftover.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
             why = os.strerror(e.errno) if e.errno else str(e).splitlines()[0][:100]
             raise CacheWriteError(f"could not cache {len(keys)} answered queries in {self.root} ({why}); they are "
                                   f"charged but not kept, every earlier response is intact; free space and rerun "
@@ -217,21 +188,11 @@ class ResponseCache:
 
     def finalize(self, source: str = "") -> dict[str, Any]:
         """Write ``manifest.json`` over every complete response shard (call on one rank)."""
-        from stealer.shards import write_manifest
-
         shards = [{"name": tar.name, "count": int(meta["count"])} for tar, meta in self.complete_shards()]
         meta = json.loads((self.root / "cache.json").read_text()) if (self.root / "cache.json").is_file() else {}
-        manifest = {
-            "format": "sslsteal-shards/1",
-            "source": source or f"responses of {meta.get('victim', 'a victim')}",
-            "num_samples": sum(s["count"] for s in shards),
-            "classes": meta.get("classes", []),
-            "channels": meta.get("channels"),
-            "image_size": meta.get("image_size"),
-            "image_ext": meta.get("image_ext", "png"),
-            "shards": shards,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "responses": {"dim": meta.get("out_dim"), "dtype": self.dtype},
-        }
+        manifest = make_manifest(source=source or f"responses of {meta.get('victim', 'a victim')}",
+                                 classes=meta.get("classes", []), channels=meta.get("channels"),
+                                 image_size=meta.get("image_size"), image_ext=meta.get("image_ext", "png"), shards=shards,
+                                 responses={"dim": meta.get("out_dim"), "dtype": self.dtype})
         write_manifest(self.root, manifest)
         return manifest

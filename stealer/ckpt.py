@@ -7,15 +7,15 @@ kill, truncated copy) is skipped with a warning and never used.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
+
+from victims.atomic import atomic_write, atomic_write_json, atomic_write_text  # the one atomic-write helper
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "save_checkpoint", "load_checkpoint", "find_latest", "resolve_resume", "atomic_torch_save", "config_diff",
            "describe_diff", "CheckpointWriteError", "rng_state", "set_rng_state"]
@@ -26,38 +26,6 @@ FORMAT = "sslsteal-ckpt/1"
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, quota, file-size limit); nothing older was touched."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` atomically: ``write(f)`` into a temp file of this process in the same folder
-    (``.<name>.<pid>.<random>.tmp``, so two processes never share one), fsync, then ``os.replace``.
-
-    The one atomic-write helper of the package: a reader sees the old file or the new one, never a
-    torn one, and a failed write leaves no temp file. Errors propagate (the caller words them).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """:func:`atomic_write` of a UTF-8 text."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
-    """:func:`atomic_write` of ``obj`` as JSON (a trailing newline)."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

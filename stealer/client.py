@@ -20,7 +20,7 @@ What it does for the attacker:
   cached gets that batch back for free when it is rerun;
 * **splits** a batch over the server's ``max_batch`` and ``max_request_bytes`` (read once
   from ``/v1/health``);
-* typed one-line failures: :class:`BudgetExceeded` (402: user, budget, spent),
+* typed one-line failures: :class:`victims.ledger.BudgetExceeded` (402: user, budget, spent; the in-process ledger's own class),
   :class:`ConnectionError` (unreachable after the retries: names the URL and how to start
   the server), :class:`VictimHTTPError` (any other refusal: status, code, message).
 
@@ -50,6 +50,9 @@ import httpx
 import numpy as np
 import torch
 
+from victims.atomic import create_once
+from victims.ledger import BudgetExceeded  # the one budget refusal: the HTTP 402 maps to the ledger's class
+
 __all__ = ["BudgetExceeded", "HTTPVictim", "VictimHTTPError", "load_or_create_nonce", "read_api_key"]
 
 log = logging.getLogger(__name__)
@@ -58,15 +61,6 @@ _DTYPES = ("float32", "float16")
 _NPY_HEADER = 256  # generous bound on an .npy header's size
 _START_HINT = ("start it with `python launch/serve.py --checkpoint CKPT --state-dir DIR --port PORT` "
                "(keys: `python launch/serve.py add-user NAME --budget N --state-dir DIR`) or fix victim.url")
-
-
-class BudgetExceeded(RuntimeError):
-    """The server refused a batch that would pass the user's budget (nothing was charged)."""
-
-    def __init__(self, message: str, *, user: str | None = None, budget: int | None = None,
-                 spent: int | None = None, requested: int | None = None) -> None:
-        super().__init__(message)
-        self.user, self.budget, self.spent, self.requested = user, budget, spent, requested
 
 
 class VictimHTTPError(RuntimeError):
@@ -93,22 +87,7 @@ def read_api_key(path: str | os.PathLike[str]) -> str:
 
 def load_or_create_nonce(path: str | os.PathLike[str]) -> str:
     """A client nonce kept in ``path`` (created atomically the first time), for resumable runs."""
-    p = Path(path)
-    if p.is_file():
-        text = p.read_text().strip()
-        if text:
-            return text
-    p.parent.mkdir(parents=True, exist_ok=True)
-    nonce = secrets.token_hex(16)
-    tmp = p.with_name(f"{p.name}.tmp{os.getpid()}")
-    tmp.write_text(nonce + "\n")
-    try:
-        os.link(tmp, p)  # fails if another process created it first: then theirs wins
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return p.read_text().strip()
+    return create_once(path, secrets.token_hex(16))
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -256,8 +235,8 @@ class HTTPVictim:
         code, msg = self._error_code(resp), self._error_message(resp)
         if resp.status_code == 402 or code == "budget_exceeded":
             body = resp.json() if code == "budget_exceeded" else {}
-            raise BudgetExceeded(msg, user=body.get("user"), budget=body.get("budget"), spent=body.get("spent"),
-                                 requested=body.get("requested"))
+            raise BudgetExceeded(body.get("user"), body.get("budget"), body.get("spent"), body.get("requested"),
+                                 message=msg)
         hint = ""
         if resp.status_code == 401:
             hint = "; check victim.api_key_file (create a key with `python launch/serve.py add-user NAME --budget N --state-dir DIR`)"
@@ -343,10 +322,10 @@ class HTTPVictim:
             u = self.usage()
             if u.get("remaining") is not None and int(u["remaining"]) < arr.shape[0]:
                 raise BudgetExceeded(
-                    f"query budget exceeded for user {u.get('user')!r}: a batch of {arr.shape[0]} images "
+                    u.get("user"), u.get("budget"), u.get("spent"), int(arr.shape[0]),
+                    message=f"query budget exceeded for user {u.get('user')!r}: a batch of {arr.shape[0]} images "
                     f"(split into {-(-arr.shape[0] // size)} requests) with {u.get('spent')} of {u.get('budget')} "
-                    f"spent ({u['remaining']} left); nothing was sent",
-                    user=u.get("user"), budget=u.get("budget"), spent=u.get("spent"), requested=int(arr.shape[0]))
+                    f"spent ({u['remaining']} left); nothing was sent")
         parts = [self._query_chunk(arr[i:i + size], user, key) for i in range(0, arr.shape[0], size)]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return torch.from_numpy(out)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stealer.decode import decode_image  # re-exported: stealer.data.decode_image is public
+
 __all__ = ["ShardSet", "open_shards", "epoch_batches", "ShardStream", "decode_image", "load_npy", "ViewDecode",
            "view_decoder"]
 
@@ -125,30 +127,6 @@ def _round_robin(counts: list[int]) -> list[tuple[int, int]]:
                 order.append((w, i))
         i += 1
     return order
-
-
-def decode_image(data: bytes, channels: int, size: int | None) -> np.ndarray:
-    """Decode image bytes to uint8 ``[size, size, C]`` (shorter side resized, centre-cropped).
-
-    PIL does the work (JPEGs are decoded at reduced scale with ``draft`` when they are much
-    larger than ``size``); batches are stacked and turned into ``[N, C, H, W]`` tensors once.
-    """
-    from PIL import Image
-
-    mode = "L" if channels == 1 else "RGB"
-    with Image.open(io.BytesIO(data)) as im:
-        if size is not None and im.format == "JPEG":
-            im.draft(mode, (size, size))
-        im = im.convert(mode)
-        if size is not None and im.size != (size, size):
-            w, h = im.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            im = im.resize((nw, nh), Image.BILINEAR)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im)
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ step runs on: the stream hands over the encoded bytes of a batch, and :func:`dec
 decodes every JPEG of it in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG's
 batched decoder on a CUDA device; libjpeg-turbo on the CPU), then resizes the shorter side to
 ``size`` (bilinear, antialiased) and centre-crops on the device -- the geometry of
-:func:`stealer.data.decode_image`. Formats nvJPEG cannot read (PNG, ...) are decoded by PIL on
+:func:`stealer.decode.decode_image`. Formats nvJPEG cannot read (PNG, ...) are decoded by PIL on
 the CPU and moved over. A sample that does not decode is dropped and counted as corrupt, with its
 key, label, bytes and cached response, exactly as the CPU path does.
 
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stealer.decode import decode_image  # not stealer.data: data imports this module, never the reverse
+
 __all__ = ["decode_batch", "decode_batch_on_device", "resize_center_crop"]
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ def resize_center_crop(img: Tensor, size: int | None) -> Tensor:
 
 
 def _cpu_decode(data: bytes, channels: int) -> Tensor:
-    from stealer.data import decode_image
-
     return torch.from_numpy(np.array(decode_image(data, channels, None))).permute(2, 0, 1)  # a writable copy
 
 

@@ -35,8 +35,10 @@ the built-in datasets (:func:`build_default_data`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
+import itertools
 import json
 import os
 import re
@@ -50,6 +52,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from victims.atomic import atomic_open, atomic_write_json
 
 from stealer.datasets import DEFAULT_SPLITS, OPTIONAL_SPLITS, load_builtin, optional_available, split_indices
 
@@ -66,6 +70,8 @@ __all__ = [
     "build_default_data",
     "encode_png",
     "load_npz",
+    "make_manifest",
+    "tar_writer",
     "read_manifest",
     "write_manifest",
     "resize_array",
@@ -179,13 +185,40 @@ def _shard_name_re(prefix: str) -> re.Pattern[str]:
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2)
+
+
+@contextlib.contextmanager
+def tar_writer(path: str | os.PathLike[str]) -> Iterator[Callable[[str, bytes], None]]:
+    """Write one tar shard atomically (:func:`victims.atomic.atomic_open`): yields ``add(name, data)``,
+    which appends a member with the format's fixed headers (mtime 0, mode 0444, uid/gid 0, no user
+    names; same members, byte-identical tar); the tar exists under ``path`` only once it is complete.
+    The one tar-member writer of the shard format (shard sets, the response cache)."""
+    with atomic_open(path) as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        yield lambda name, data: _tar_add(tar, name, data)
+
+
+def make_manifest(*, source: str, classes: Sequence[str], channels: int | None, image_size: Sequence[int] | None,
+                  image_ext: str | None, shards: Sequence[Mapping[str, Any]], **extra: Any) -> dict:
+    """The ``sslsteal-shards/1`` manifest of a set (the one place its keys are made): the common keys
+    from the arguments, ``num_samples`` summed over ``shards``, ``created`` now (UTC), then ``extra``
+    (``skipped``, ``quirks``, a cache's ``responses``, ...), which cannot replace the format's keys."""
+    manifest = {
+        "format": FORMAT,
+        "source": str(source),
+        "num_samples": sum(int(s["count"]) for s in shards),
+        "classes": [str(c) for c in classes],
+        "channels": None if channels is None else int(channels),
+        "image_size": None if image_size is None else [int(image_size[0]), int(image_size[1])],
+        "image_ext": image_ext,
+        "shards": [dict(s) for s in shards],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    clash = sorted(set(extra) & set(manifest))
+    if clash:
+        raise ValueError(f"extra manifest keys {clash} would replace the format's own keys")
+    manifest.update(extra)
+    return manifest
 
 
 def write_shards(
@@ -259,79 +292,38 @@ def write_shards(
     shards: list[dict] = []
     seen: set[str] = set()
     set_ext: str | None = None
-    tar: tarfile.TarFile | None = None
-    fh = None
-    tmp_path: Path | None = None
-    count = 0
-
-    def close_shard() -> None:
-        nonlocal tar, fh, tmp_path, count
-        assert tar is not None and fh is not None and tmp_path is not None
-        tar.close()
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
+    it = iter(samples)
+    for first in it:  # one tar per samples_per_shard samples, each renamed into place when complete
         name = f"{prefix}-{len(shards):06d}.tar"
-        os.replace(tmp_path, out / name)
+        count = 0
+        with tar_writer(out / name) as add:
+            for key, data, ext, cls in itertools.chain([first], itertools.islice(it, samples_per_shard - 1)):
+                _check_key(key)
+                if key in seen:
+                    raise ValueError(f"duplicate sample key {key!r}")
+                seen.add(key)
+                if ext not in ("png", "jpg"):
+                    raise ValueError(f"sample {key!r}: image extension must be 'png' or 'jpg', got {ext!r}")
+                if set_ext is None:
+                    set_ext = ext
+                elif ext != set_ext:
+                    raise ValueError(f"sample {key!r} is {ext!r} but the set is {set_ext!r}: one extension per set")
+                cls = int(cls)
+                if not 0 <= cls < len(classes):
+                    raise ValueError(f"sample {key!r}: class index {cls} outside 0..{len(classes) - 1}")
+                if not isinstance(data, (bytes, bytearray)) or not data:
+                    raise ValueError(f"sample {key!r}: image must be non-empty bytes")
+                add(f"{key}.{ext}", bytes(data))
+                add(f"{key}.cls", str(cls).encode("ascii"))
+                count += 1
         shards.append({"name": name, "count": count})
-        tar, fh, tmp_path, count = None, None, None, 0
-
-    try:
-        for key, data, ext, cls in samples:
-            _check_key(key)
-            if key in seen:
-                raise ValueError(f"duplicate sample key {key!r}")
-            seen.add(key)
-            if ext not in ("png", "jpg"):
-                raise ValueError(f"sample {key!r}: image extension must be 'png' or 'jpg', got {ext!r}")
-            if set_ext is None:
-                set_ext = ext
-            elif ext != set_ext:
-                raise ValueError(f"sample {key!r} is {ext!r} but the set is {set_ext!r}: one extension per set")
-            cls = int(cls)
-            if not 0 <= cls < len(classes):
-                raise ValueError(f"sample {key!r}: class index {cls} outside 0..{len(classes) - 1}")
-            if not isinstance(data, (bytes, bytearray)) or not data:
-                raise ValueError(f"sample {key!r}: image must be non-empty bytes")
-            if tar is None:
-                tmp_path = out / f".{prefix}-{len(shards):06d}.tar.{os.getpid()}.tmp"
-                fh = open(tmp_path, "wb")
-                tar = tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT)
-            _tar_add(tar, f"{key}.{ext}", bytes(data))
-            _tar_add(tar, f"{key}.cls", str(cls).encode("ascii"))
-            count += 1
-            if count == samples_per_shard:
-                close_shard()
-        if tar is not None:
-            close_shard()
-    except BaseException:
-        if tar is not None:
-            tar.close()
-        if fh is not None:
-            fh.close()
-        if tmp_path is not None and tmp_path.exists():
-            tmp_path.unlink()
-        raise
 
     if not shards:
         raise ValueError(f"no samples to write to {out}")
-    manifest = {
-        "format": FORMAT,
-        "source": str(source),
-        "num_samples": sum(s["count"] for s in shards),
-        "classes": classes,
-        "channels": int(channels),
-        "image_size": image_size,
-        "image_ext": set_ext,
-        "shards": shards,
-        "skipped": int(skipped() if callable(skipped) else skipped),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
     more = dict((extra() if callable(extra) else extra) or {})
-    clash = sorted(set(more) & set(manifest))
-    if clash:
-        raise ValueError(f"extra manifest keys {clash} would replace the format's own keys")
-    manifest.update(more)
+    manifest = make_manifest(source=source, classes=classes, channels=channels, image_size=image_size,
+                             image_ext=set_ext, shards=shards,
+                             skipped=int(skipped() if callable(skipped) else skipped), **more)
     _write_json_atomic(manifest_path, manifest)
     return manifest
 

@@ -53,14 +53,22 @@ _RECEIPT_COLUMNS = {"fingerprint": "TEXT NULL", "answer": "BLOB NULL"}
 
 
 class BudgetExceeded(RuntimeError):
-    """A charge would take a user past their budget; nothing was charged."""
+    """A charge would take a user past their budget; nothing was charged.
 
-    def __init__(self, user: str, budget: int, spent: int, requested: int) -> None:
+    The one budget refusal of the project: the ledger raises it in-process, and
+    ``stealer.client.HTTPVictim`` raises the same class for the server's 402 (with the server's
+    ``message``), so callers catch it by type whatever the transport. Fields the server did not
+    report are None.
+    """
+
+    def __init__(self, user: str | None, budget: int | None, spent: int | None, requested: int | None,
+                 message: str | None = None) -> None:
         self.user, self.budget, self.spent, self.requested = user, budget, spent, requested
-        super().__init__(
-            f"query budget exceeded for user {user!r}: asked for {requested} images with "
-            f"{spent} of {budget} spent ({max(budget - spent, 0)} left); nothing was charged"
-        )
+        if message is None:
+            left = max(budget - spent, 0) if budget is not None and spent is not None else "?"
+            message = (f"query budget exceeded for user {user!r}: asked for {requested} images with "
+                       f"{spent} of {budget} spent ({left} left); nothing was charged")
+        super().__init__(message)
 
 
 def _check_user(user: str) -> str:
