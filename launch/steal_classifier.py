@@ -178,13 +178,15 @@ def run_steal(cfg: ClassifierStealConfig, acc: Any, *, api: Any = None, pool: tu
         acc.wait_for_everyone()
         stats["spent"] = _sum_over_ranks(acc, cache.spent)
         stats["received"] = _sum_over_ranks(acc, cache.received)
+        stats["recovered"] = _sum_over_ranks(acc, cache.recovered)  # paid by a killed run, read back, not bought again
         if main_proc:
             manifest = cache.finalize(source=f"posteriors of {desc['arch']} ({a.name})")
             stats["cached"] = manifest["num_samples"]
         stats["ledger_spent"] = int(api.ledger.spent(user))
         stats["seconds"] = time.time() - t0
         out["query"] = stats
-        say(f"query phase: {stats['spent']} images bought this run, ledger total {stats['ledger_spent']} "
+        say(f"query phase: {stats['spent']} images bought this run ({stats['recovered']} paid by a killed run read back), "
+            f"ledger total {stats['ledger_spent']} "
             f"({stats['seconds']:.0f}s)")
         acc.wait_for_everyone()
     if "train" in cfg.phases and not datafree:

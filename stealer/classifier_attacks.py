@@ -65,6 +65,7 @@ from stealer.cache import ResponseCache
 from stealer.config import ConfigError, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice
 from stealer.data import ShardStream, open_shards
 from stealer.shards import encode_png
+from stealer.steal import _recover_paid, _settle_journal, _takes_key  # the encoder steal's pay-once journal
 
 __all__ = [
     "PosteriorTarget", "AttackConfig", "CloneConfig", "CloneTrainConfig", "ATTACKS",
@@ -201,6 +202,15 @@ class PosteriorCache:
 
     ``fetch`` sends only the images not yet cached (each distinct image once, even within a batch)
     and counts them in ``spent``; ``received`` counts every posterior handed to the attack.
+
+    Paid once under SIGKILL (issue 13), as the encoder steal's query phase
+    (``stealer.steal.run_query_phase``): with a victim whose ``query`` takes an idempotency ``key=``
+    (:class:`victims.posterior_api.PosteriorAPI`), each purchase is journaled (fsynced) under a key
+    derived from the cache's ``run_id``, the user, the caller's ``tag`` and the image keys, before it
+    is paid; the victim commits the charge together with the answer. A run killed after the charge
+    and before the cache write gets those answers back on resume (``recovered``: read from the
+    victim's ledger, never bought again), and :meth:`finalize` lets the victim forget every kept
+    answer that is now cached.
     """
 
     def __init__(self, root: str | os.PathLike, meta: dict[str, Any], *, rank: int = 0) -> None:
@@ -218,12 +228,19 @@ class PosteriorCache:
                         self.known[m.name[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
         self.spent = 0
         self.received = 0
+        self.recovered = 0  # posteriors paid by a killed run, read back from the victim, not bought again
+        self._paid: dict[str, np.ndarray] | None = None  # those answers, read on the first keyed fetch
+        self._victim: tuple[Any, str] | None = None  # (target, user) of the keyed purchases, for finalize
 
     def __len__(self) -> int:
         return len(self.known)
 
-    def fetch(self, target: PosteriorTarget, images: Tensor, user: str, labels: Sequence[int] | None = None) -> Tensor:
-        """Posteriors ``[N, K]`` (float32, CPU) of uint8 ``images``; pays only for images never bought."""
+    def fetch(self, target: PosteriorTarget, images: Tensor, user: str, labels: Sequence[int] | None = None, *,
+              tag: str | None = None) -> Tensor:
+        """Posteriors ``[N, K]`` (float32, CPU) of uint8 ``images``; pays only for images never bought.
+
+        ``tag`` names the purchase in the run (data-free attacks: ``<kind>/it<iteration>/r<rank>/...``)
+        so that a resumed iteration asks under the key it paid under."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W]; got {images.dtype} {list(images.shape)}")
         arr = images.detach().cpu().numpy()
@@ -233,19 +250,42 @@ class PosteriorCache:
             if k not in self.known and k not in new:
                 new[k] = i
         if new:
-            idx = list(new.values())
-            resp = target.query(images[idx].contiguous(), user).detach().float().cpu().numpy()  # charged per image
-            self.spent += len(idx)
+            new_keys, idx = list(new), list(new.values())
+            keyed = _takes_key(target)
+            if keyed and self._paid is None:  # answers a killed run paid for and never cached
+                self._paid = _recover_paid(self.store, target, user, set(self.known), 1, True)
+                self._victim = (target, user)
+            got: list[Any] = [(self._paid or {}).pop(k, None) for k in new_keys]
+            buy = [j for j, r in enumerate(got) if r is None]
+            self.recovered += len(got) - len(buy)
+            paid_key = None
+            if buy:
+                buy_keys = [new_keys[j] for j in buy]
+                sub = images[[idx[j] for j in buy]].contiguous()
+                if keyed:
+                    paid_key = self.store.batch_key(user, buy_keys if tag is None else [f"@{tag}", *buy_keys])
+                    self.store.intend(paid_key, buy_keys)  # journaled before anything is paid
+                    resp = target.query(sub, user, key=paid_key)  # type: ignore[call-arg]  # charged with its answer kept
+                else:
+                    resp = target.query(sub, user)  # charged per image
+                self.spent += len(buy)
+                for j, r in zip(buy, resp.detach().float().cpu().numpy()):
+                    got[j] = r
             lab = [int(labels[i]) if labels is not None else -1 for i in idx]
             pngs = [("png", encode_png(np.moveaxis(arr[i], 0, -1))) for i in idx]
-            self.store.write_batch(list(new), pngs, lab, resp)
-            for k, r in zip(new, resp):
+            self.store.write_batch(new_keys, pngs, lab, np.stack(got))
+            if paid_key is not None:  # cached now: the victim need not keep it
+                target.forget(user, [paid_key])  # type: ignore[attr-defined]
+            for k, r in zip(new_keys, got):
                 self.known[k] = r
         self.received += len(keys)
         return torch.from_numpy(np.stack([self.known[k] for k in keys])).float()
 
     def finalize(self, source: str) -> dict[str, Any]:
-        """Write the manifest that makes the cache a shard folder (one rank, after all are done)."""
+        """Write the manifest that makes the cache a shard folder (one rank, after all are done); the
+        victim forgets the answers it kept for purchases now cached, the journal keeps the rest."""
+        if self._victim is not None:
+            _settle_journal(self.store, *self._victim)
         return self.store.finalize(source=source)
 
 
@@ -609,8 +649,10 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
             return (logits.float() - logits_from_posteriors(y)).abs().mean(dim=1)
         return kl_posteriors(y, logits)
 
+    purchase = [""]  # the current purchase's tag: (run, iteration, rank, step) names what a resumed iteration asks
+
     def disagreement(xq: Tensor) -> Tensor:
-        y = cache.fetch(target, xq, user).to(dev)
+        y = cache.fetch(target, xq, user, tag=purchase[0]).to(dev)
         with torch.no_grad():
             return per_image_loss(raw_s(xq.to(dev)), y).cpu()
 
@@ -652,7 +694,8 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
     t0 = time.time()
     for it in range(start, iters):
         base_x = None
-        for _ in range(gi):  # (1) generator: maximise the disagreement, gradient estimated zeroth-order
+        for j in range(gi):  # (1) generator: maximise the disagreement, gradient estimated zeroth-order
+            purchase[0] = f"{kind}/it{it}/r{rank}/g{j}"
             g_ddp.train()
             z = torch.randn(bsz, nz, generator=rng).to(dev)
             img = g_ddp(z)  # B x C x S x S in [0, 1]
@@ -671,7 +714,7 @@ def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budg
             else:
                 with torch.no_grad():
                     xq = quantize(raw_g(torch.randn(bsz, nz, generator=rng).to(dev))).cpu()
-            y = cache.fetch(target, xq, user)
+            y = cache.fetch(target, xq, user, tag=f"{kind}/it{it}/r{rank}/c{c}")
             loss_s = clone_step(xq, y)
             if replay_iters:
                 replay_x.append(xq)

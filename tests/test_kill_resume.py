@@ -57,11 +57,10 @@ def _loop(name: str, root: Path, victim: Path) -> tuple[list[str], str, str, str
         return (common + ["attack.name=knockoff_random", "budget=96", "attack.batch_size=32", "train.epochs=2",
                           "train.batch_size=8", "train.ckpt_every=2"], "ckpt_clone", "clone.pt",
                 "clone training preempted at step")
-    # 4 x (1 x 2 + 1) = 12 images per iteration, 60 iterations (fast ones: the kill lands mid-run). The budget has 11
-    # images to spare: PosteriorCache.fetch charges before it caches, so a kill in that window re-pays the one fetch
-    # in flight (<= 8 images) on resume; with no slack such a run could never finish (see the issue-13 report)
+    # 4 x (1 x 2 + 1) = 12 images per iteration, 60 iterations (fast ones: the kill lands mid-run). The budget is
+    # exactly the images: a kill between a charge and its cache write re-pays nothing (tests/test_classifier_payonce.py)
     assert name == "dfme"
-    return (common + ["attack.name=dfme", "budget=731", "attack.df_batch_size=4", "attack.gen_width=8", "attack.nz=8",
+    return (common + ["attack.name=dfme", "budget=720", "attack.df_batch_size=4", "attack.gen_width=8", "attack.nz=8",
                       "attack.clone_iters=1", "train.ckpt_every=1"], "ckpt_datafree", "clone.pt",
             "dfme preempted after iteration")
 

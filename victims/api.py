@@ -22,15 +22,13 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import io
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from victims.ledger import BudgetExceeded, QueryLedger
+from victims.ledger import QueryLedger
+from victims.purchase import fingerprint, forget, kept_answer, query_once
 from victims.simsiam import VictimEncoder
 
 __all__ = ["Defense", "VictimAPI", "fingerprint"]
@@ -171,47 +169,15 @@ class VictimAPI:
         return reps.float()
 
     def _query_once(self, images: Tensor, user: str, key: str) -> Tensor:
-        n = int(images.shape[0])
-        if n == 0:
-            return torch.empty(0, self.out_dim, device=self.device)
-        if self.ledger.answer(user, key) is not None:  # asked before: the kept answer, if it is the same question
-            kept = self.ledger.answer(user, key, n=n, fingerprint=fingerprint(images))
-            return torch.from_numpy(_from_npy(kept)).to(self.device)  # type: ignore[arg-type]
-        left = self.ledger.remaining(user)
-        if left is not None and left < n:  # refused before the forward, as a plain charge is
-            raise BudgetExceeded(user, int(self.ledger.budget(user)), self.ledger.spent(user), n)
-        reps = self._answer(images, user)  # on a GPU the forward runs while the CPU hashes the images
-        fp = fingerprint(images)
-        body = _npy(reps.detach().cpu().numpy())
-        # charge and answer in one transaction; another asker of the same key may have won the race
-        kept = self.ledger.charge_answer(user, n, key, fp, body)
-        return reps if kept == body else torch.from_numpy(_from_npy(kept)).to(self.device)
+        return query_once(self.ledger, user, key, images, lambda x: self._answer(x, user), device=self.device,
+                          width=self.out_dim)
 
     def answer(self, user: str, key: str) -> Tensor | None:
         """The answer paid for under ``key`` (float32 ``[N, out_dim]`` on the CPU), or None if
         nothing was paid under it (or it was forgotten)."""
-        kept = self.ledger.answer(user, key)
-        return None if kept is None else torch.from_numpy(_from_npy(kept))
+        return kept_answer(self.ledger, user, key)
 
     def forget(self, user: str, keys: Sequence[str]) -> int:
         """Drop the answers kept under ``keys`` (the caller keeps them now); what was charged stays
         charged, and a later query under one of these keys is a new purchase. Returns how many."""
-        return self.ledger.drop_receipts([(user, k) for k in keys])
-
-
-def fingerprint(images: Tensor) -> str:
-    """sha256 of a uint8 query's shape and bytes: what an idempotency key was paid for."""
-    h = hashlib.sha256(repr(tuple(images.shape)).encode())
-    arr = np.ascontiguousarray(images.detach().cpu().numpy())
-    h.update(memoryview(arr).cast("B"))  # no copy of a CPU batch (3x faster than tobytes() on 256 x 224 px)
-    return h.hexdigest()
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _from_npy(body: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(body), allow_pickle=False)
+        return forget(self.ledger, user, keys)

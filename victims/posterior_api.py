@@ -6,6 +6,9 @@ or its int8 form from :mod:`victims.quantize`) the way MLaaS APIs serve class pr
 
 1. ``ledger.charge(user, N)`` **before** the forward, repeats included (as
    :class:`victims.api.VictimAPI`): a failed or rejected batch that was charged stays paid;
+   a query with an idempotency ``key`` is instead charged *with* its answer in one ledger
+   transaction after the forward (:mod:`victims.purchase`), so a caller killed at any moment
+   either paid nothing or reads what it paid for back (:meth:`PosteriorAPI.answer`);
 2. ``p = softmax(model(images))`` in eval mode, without gradients;
 3. the posterior defenses (``victims.defenses.posterior``) in order,
    ``defense(p [N, K], images, user) -> p``;
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from victims.ledger import QueryLedger
+from victims.purchase import forget, kept_answer, query_once
 
 __all__ = ["PosteriorDefense", "PosteriorAPI", "truncate_top_k", "round_probs"]
 
@@ -118,20 +122,35 @@ class PosteriorAPI:
             raise ValueError(f"query images must be uint8 [N, {c}, H, W] (0..255); got {got}")
         return images
 
-    def query(self, images: Tensor, user: str) -> Tensor:
+    def query(self, images: Tensor, user: str, *, key: str | None = None) -> Tensor:
         """Charge ``user`` for every image, then return their (defended) posteriors.
+
+        Args:
+            key: an idempotency key (e.g. derived from the run and the images' keys,
+                :meth:`stealer.cache.ResponseCache.batch_key`): the posteriors are computed, then
+                charged and kept under ``key`` in one ledger transaction
+                (:func:`victims.purchase.query_once`); asking again with the same key and images
+                returns the kept answer without a charge or a forward, also from another process
+                after a crash (:meth:`answer`). Over-budget batches are refused before the forward.
 
         Returns:
             float32 ``[N, K]`` on the API's device; every row sums to 1.
 
         Raises:
-            ValueError: malformed images (nothing is charged).
+            ValueError: malformed images (nothing is charged), or ``key`` already paid for other images.
             victims.ledger.BudgetExceeded: the batch would pass the budget (nothing charged).
         """
         images = self._validate(images)
+        if key is not None:
+            return query_once(self.ledger, user, key, images, lambda x: self._answer(x, user), device=self.device,
+                              width=self.num_classes)
         self.ledger.charge(user, int(images.shape[0]))
         if images.shape[0] == 0:
             return torch.empty(0, self.num_classes, device=self.device)
+        return self._answer(images, user)
+
+    def _answer(self, images: Tensor, user: str) -> Tensor:
+        """Classify, defend, truncate and round (no charge): float32 ``[N, K]`` on the API's device."""
         images = images.to(self.device, non_blocking=True)
         self.model.eval()
         with torch.no_grad():
@@ -143,3 +162,13 @@ class PosteriorAPI:
         if self.rounding is not None:
             probs = round_probs(probs, self.rounding)
         return probs.float()
+
+    def answer(self, user: str, key: str) -> Tensor | None:
+        """The posteriors paid for under ``key`` (float32 ``[N, K]`` on the CPU), or None if nothing
+        was paid under it (or it was forgotten)."""
+        return kept_answer(self.ledger, user, key)
+
+    def forget(self, user: str, keys: Sequence[str]) -> int:
+        """Drop the answers kept under ``keys`` (the caller caches them now); what was charged stays
+        charged, and a later query under one of these keys is a new purchase. Returns how many."""
+        return forget(self.ledger, user, keys)
