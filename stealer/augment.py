@@ -2,6 +2,12 @@
 
 All randomness comes from an explicit ``torch.Generator``, so a batch's views are a pure
 function of ``(seed, epoch, rank, batch index)`` -- resume reproduces them exactly.
+
+The image every view is drawn from is the one the stream decoded: in the steal's train phase, the
+field of view the victim answered about (its recorded Resize + CenterCrop scaled to the student's
+size, ``stealer.data.ViewDecode``). The un-augmented anchor is that view itself; random resized
+crops are taken inside it, as the queried views of ``keyed_views`` are in the query phase, not from
+the full image around it.
 """
 from __future__ import annotations
 

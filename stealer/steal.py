@@ -610,4 +610,5 @@ def run_train_phase(cfg: StealConfig, accelerator: Any) -> dict[str, Any]:
     acc.wait_for_everyone()
     return {"steps": step, "final_loss": last["loss"], "seconds": time.time() - t_start, "corrupt_skipped": corrupt,
             "samples": stream.samples_per_epoch, "attack": attack.name,
+            "train_view": view.record() if view else None,  # the victim's view the student read (None: the full square)
             "queries_per_image": attack.queries_per_image(cfg.attack)}

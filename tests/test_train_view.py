@@ -151,7 +151,7 @@ def test_train_stream_scaled_field_of_view(imagenet_cache: dict[str, Any], size:
         # the same field of view: the victim's 224 view shrunk to S is within a few grey levels (of 255); the old
         # full-square decode at S is not
         shrunk = F.interpolate(fed[k][None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
-        old = torch.from_numpy(decode_image(raw[k], 3, size)).permute(2, 0, 1).float()
+        old = torch.from_numpy(np.array(decode_image(raw[k], 3, size))).permute(2, 0, 1).float()
         near, far = (img.float() - shrunk).abs().mean().item(), (old - shrunk).abs().mean().item()
         assert near < 6 and far > 2.5 * near, (near, far)
 
@@ -178,7 +178,7 @@ def test_caches_without_geometry_decode_as_before(imagenet_cache: dict[str, Any]
                                                                        f"name={name}"])
         got = _train_images(cfg)
         for k, img in got.items():
-            assert torch.equal(img, torch.from_numpy(decode_image(imagenet_cache["bytes"][k], 3, 48)).permute(2, 0, 1))
+            assert torch.equal(img, torch.from_numpy(np.array(decode_image(imagenet_cache["bytes"][k], 3, 48))).permute(2, 0, 1))
 
 
 def test_device_decode_refused_for_a_recorded_view(imagenet_cache: dict[str, Any]) -> None:
@@ -224,7 +224,7 @@ def test_tiny_steal_trains_on_the_victims_pixels(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(attacks, "steal_step", spy)
     acc = Accelerator(cpu=True)
     out = run_train_phase(cfg, acc)
-    assert out["steps"] == 2 and np.isfinite(out["final_loss"])
+    assert out["steps"] == 2 and np.isfinite(out["final_loss"]) and out["train_view"]["crop"] == 32
     got = torch.cat(seen)
     assert got.shape == fed.shape == (6, 3, 32, 32)
     # the same set of images (the train stream shuffles): each student input is one the victim was fed
