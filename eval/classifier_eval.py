@@ -169,9 +169,9 @@ def write_sweep(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, notes: S
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "classifier_sweep.md", "csv": out / "classifier_sweep.csv", "png": out / "defense_curves.png"}
     md = sweep_markdown(rows, title=title, notes=notes) + "\n![clone vs defender accuracy](defense_curves.png)\n"
+    from victims.atomic import atomic_write_text
+
     for key, text in (("md", md), ("csv", sweep_csv(rows))):
-        tmp = paths[key].with_name(paths[key].name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[key])
+        atomic_write_text(paths[key], text)
     plot_defense_curves(rows, paths["png"], title=title)
     return paths

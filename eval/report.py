@@ -18,13 +18,12 @@ def save_figure(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
     """Write a matplotlib figure as PNG atomically (temp file, then rename) and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from victims.atomic import atomic_write
+
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def gain_recovered(stolen: float, victim: float, random: float) -> float:

@@ -82,6 +82,6 @@ def sees_augmented_views(attack: str, train_augment: bool) -> bool:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json_dumps(obj, indent=1))  # strict JSON: an undefined top-1 is null
-    tmp.replace(path)
+    from victims.atomic import atomic_write_text
+
+    atomic_write_text(path, json_dumps(obj, indent=1))  # strict JSON: an undefined top-1 is null

@@ -419,9 +419,9 @@ def _spent(r: Row, steal_out: dict[str, Any]) -> int:
 
 
 def _write_jsonl(path: Path, recs: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in recs))
-    tmp.replace(path)
+    from victims.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in recs))
 
 
 def report(cfg: CurvesConfig, rows: list[Row], summary: dict[str, Any]) -> dict[str, Any]:

@@ -204,9 +204,10 @@ class _Row:
         self.api = VictimAPI(encoder, QueryLedger(self.dir / "ledger.sqlite"), defenses=self.defenses)
 
     def save_state(self) -> None:
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        torch.save([d.state_dict() for d in self.defenses], tmp)  # type: ignore[attr-defined]
-        tmp.replace(self.state_path)
+        from victims.atomic import atomic_write
+
+        states = [d.state_dict() for d in self.defenses]  # type: ignore[attr-defined]
+        atomic_write(self.state_path, lambda f: torch.save(states, f))
 
     def coverage(self, users: list[str]) -> float | None:
         """The largest B4B coverage among ``users`` (None when the chain has no coverage meter)."""
@@ -229,9 +230,9 @@ def _cached_query(row: _Row, user: str, images: torch.Tensor, root: Path, budget
     root.mkdir(parents=True, exist_ok=True)
     row.api.ledger.set_budget(user, budget)
     answers = torch.cat([row.api.query(images[i:i + 250], user) for i in range(0, len(images), 250)]).cpu()
-    tmp = path.with_name("answers.pt.tmp")
-    torch.save(answers, tmp)
-    tmp.replace(path)
+    from victims.atomic import atomic_write
+
+    atomic_write(path, lambda f: torch.save(answers, f))
     row.save_state()
     return answers
 

@@ -335,12 +335,12 @@ def write_rows(rows: list[Row], out: str | Path) -> list[Path]:
         jsonl, tsv = out.with_suffix(".jsonl"), out
     else:
         jsonl, tsv = out, out.with_suffix(".tsv")
-    tmp = jsonl.with_name(jsonl.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in rows))
-    tmp.replace(jsonl)
+    from victims.atomic import atomic_write_text
+
+    atomic_write_text(jsonl, "".join(json.dumps(r.to_json()) + "\n" for r in rows))
     lines = ["index\tname\trun_dir\toverrides"] + [
         f"{r.index}\t{r.name}\t{r.run_dir}\t{shlex.join(r.overrides)}" for r in rows]
-    tsv.write_text("\n".join(lines) + "\n")
+    atomic_write_text(tsv, "\n".join(lines) + "\n")
     return [jsonl, tsv]
 
 

@@ -279,8 +279,6 @@ def write_official_simsiam(path: str | os.PathLike[str], arch: str = "resnet50",
     torch.manual_seed(seed)
     model = SimSiam(arch, dim=2048, pred_dim=512)
     state = {"module." + k: v for k, v in model.state_dict().items()}
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"epoch": 100, "arch": arch, "state_dict": state, "optimizer": None}, tmp)
-    os.replace(tmp, out)
+    from victims.atomic import atomic_write
+
+    atomic_write(path, lambda f: torch.save({"epoch": 100, "arch": arch, "state_dict": state, "optimizer": None}, f))

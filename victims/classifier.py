@@ -170,7 +170,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def save_classifier(model: nn.Module, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> None:
     """Write ``model`` (a :class:`ClassifierVictim`, maybe DDP-wrapped) as a self-describing
-    checkpoint, atomically (``path.tmp`` then ``os.replace``). ``extra`` holds plain values
+    checkpoint, atomically (:func:`victims.atomic.atomic_write`). ``extra`` holds plain values
     (e.g. accuracy, training steps)."""
     model = _unwrap(model)
     if not isinstance(model, ClassifierVictim):
@@ -178,11 +178,9 @@ def save_classifier(model: nn.Module, path: str | os.PathLike[str], extra: Mappi
     ckpt = {"format": FORMAT, **model.describe(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "extra": dict(extra or {})}
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    from victims.atomic import atomic_write
+
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def read_classifier_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -217,8 +217,9 @@ def save_simsiam_checkpoint(
     Keys get the ``module.`` prefix DDP gives them in ``main_simsiam.py`` (a model already
     wrapped in DDP or ``torch.compile`` is unwrapped first). For a :class:`SimSiam`, its
     backbone kwargs, ``dim`` and ``pred_dim`` are recorded under ``'sslsteal'``; ``extra``
-    (e.g. ``image_size``, ``mean``, ``std``) is merged on top. Written to ``path + '.tmp'``
-    then renamed, so a crash never leaves a half-written file at ``path``.
+    (e.g. ``image_size``, ``mean``, ``std``) is merged on top. Written through
+    :func:`victims.atomic.atomic_write` (a temp of this process, fsync, rename), so a crash never
+    leaves a half-written file at ``path``.
     """
     model = _unwrap(model)
     meta: dict[str, Any] = {"format": 1}
@@ -233,11 +234,9 @@ def save_simsiam_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "sslsteal": meta,
     }
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    from victims.atomic import atomic_write
+
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 class VictimEncoder(nn.Module):

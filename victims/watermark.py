@@ -91,12 +91,11 @@ def watermark_path(checkpoint: str | os.PathLike[str]) -> Path:
 
 def save_watermark(head: RotationHead, path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
     """Write the head and ``meta`` (plain values: the watermark set, its size, ...) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "dim": head.dim, "hidden": head.hidden, "meta": dict(meta),
-                "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}, tmp)
-    os.replace(tmp, path)
+    from victims.atomic import atomic_write
+
+    obj = {"format": FORMAT, "dim": head.dim, "hidden": head.hidden, "meta": dict(meta),
+           "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_watermark(path: str | os.PathLike[str]) -> tuple[RotationHead, dict[str, Any]]:
