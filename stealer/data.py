@@ -139,8 +139,9 @@ class ViewDecode:
     recorded geometry:
 
     * resize and crop: ``Resize(round(size * resize / crop))`` + ``CenterCrop(size)`` -- the same field
-      of view; when ``size == crop`` exactly the victim's ``Resize(resize)`` + ``CenterCrop(crop)``, so
-      the pixels equal those the victim was fed (``victims.preprocess.ExactDecode``);
+      of view (a JPEG much larger than that is decoded at reduced scale first, PIL ``draft``, as
+      :func:`decode_image` does); when ``size == crop`` exactly the victim's ``Resize(resize)`` +
+      ``CenterCrop(crop)``, so the pixels equal those the victim was fed (``victims.preprocess.ExactDecode``);
     * crop only: the central ``crop`` x ``crop`` pixels, resized to ``size`` x ``size`` when ``size != crop``;
     * resize only (the victim saw the whole, non-square image): the largest centred square,
       ``Resize(size)`` + ``CenterCrop(size)``.
@@ -169,7 +170,21 @@ class ViewDecode:
         from victims.preprocess import ExactDecode
 
         resize, crop, then = self.geometry()
-        arr = ExactDecode(self.channels, resize, crop, self.interpolation)(data)
+        if (resize, crop) == (self.resize, self.crop) or resize is None:  # the victim's own pixels (or its crop)
+            arr = ExactDecode(self.channels, resize, crop, self.interpolation)(data)
+        else:  # another size: the same field of view; a large JPEG is first decoded at reduced scale (as decode_image)
+            from PIL import Image
+            from torchvision.transforms import functional as TF
+
+            from victims.preprocess import _mode
+
+            mode = "L" if self.channels == 1 else "RGB"
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format == "JPEG":
+                    im.draft(mode, (resize, resize))  # never below resize on either side
+                im = TF.center_crop(TF.resize(im.convert(mode), resize, interpolation=_mode(self.interpolation)), crop)
+                arr = np.asarray(im)
+            arr = arr[:, :, None] if arr.ndim == 2 else arr
         if then is not None:
             from PIL import Image
             from torchvision.transforms import functional as TF

@@ -147,7 +147,8 @@ def test_train_stream_scaled_field_of_view(imagenet_cache: dict[str, Any], size:
     for k, img in got.items():
         with Image.open(io.BytesIO(raw[k])) as im:  # Resize round(S*256/224) + CenterCrop S
             want = torch.from_numpy(np.array(T.CenterCrop(size)(T.Resize(r)(im.convert("RGB"))))).permute(2, 0, 1)
-        assert img.shape == (3, size, size) and torch.equal(img, want)
+        # equal up to the JPEG's reduced-scale decode (PIL draft) of images over twice the size
+        assert img.shape == (3, size, size) and (img.float() - want.float()).abs().mean() < 2.5
         # the same field of view: the victim's 224 view shrunk to S is within a few grey levels (of 255); the old
         # full-square decode at S is not
         shrunk = F.interpolate(fed[k][None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
