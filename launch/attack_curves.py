@@ -16,7 +16,7 @@ victim, for fidelity, and once the random-init reference); then the report throu
 with a line per attack, and one PNG per attack (``per_attack_probes``).
 
 Rows are the ``attacks`` list (each a name and ``key=value`` overrides for launch/steal.py), plus,
-with ``registry: true``, a row for every attack of ``stealer.attacks.ATTACKS`` that no row names.
+with ``registry: true``, a row for every attack of ``stealer.attacks.ENCODER_ATTACKS`` that no row names.
 Every row x budget is validated as a StealConfig and its inputs are checked (stealer/preflight.py)
 before any work. A row whose steal finished (``student.pt`` + ``steal.json``) is not stolen again
 and one that has its probe records (``curve_records.jsonl``) is not probed again; an unfinished steal
@@ -192,12 +192,12 @@ class Row:
 
 
 def registered_attacks() -> list[str]:
-    """Names in ``stealer.attacks.ATTACKS`` ([] where the engine has no attack registry)."""
+    """Names in ``stealer.attacks.ENCODER_ATTACKS`` ([] where the engine has no attack registry)."""
     try:
-        from stealer.attacks import ATTACKS
+        from stealer.attacks import ENCODER_ATTACKS
     except ImportError:
         return []
-    return list(ATTACKS)
+    return list(ENCODER_ATTACKS)
 
 
 def _attack_of(args: list[str]) -> str:

@@ -45,10 +45,11 @@ from launch.common import fail, make_accelerator, parse_job_args  # noqa: E402
 from stealer.config import (  # noqa: E402
     Channels, ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveInt, load_config, save_config, to_dict
 )
+from victims.ledger import BudgetExceeded  # noqa: E402
 
-__all__ = ["DefenseTableConfig", "ATTACKS", "calibrate_similarity_threshold", "run_table", "main"]
+__all__ = ["DefenseTableConfig", "PROBE_ATTACKS", "calibrate_similarity_threshold", "run_table", "main"]
 
-ATTACKS = ("direct", "repeat_average", "coverage_control", "sybils")
+PROBE_ATTACKS = ("direct", "repeat_average", "coverage_control", "sybils")
 WATERMARK = "watermark"
 
 
@@ -90,7 +91,7 @@ class WatermarkTableConfig:
 
 
 @dataclass
-class AttackConfig:
+class ProbeAttackConfig:
     repeats: PositiveInt = 3  # repeat_average: paid copies per image
     sybils: PositiveInt = 3  # sybil accounts
     overlap: PositiveInt = 150  # images every sybil asks (to fit the maps)
@@ -116,8 +117,8 @@ class DefenseTableConfig:
     steal_config: str = "launch/configs/demo.yaml"  # the StealConfig every cell starts from
     steal: Any = field(default_factory=dict)  # dotted StealConfig overrides for every cell, e.g. {train.epochs: 6}
     defenses: Any = field(default_factory=lambda: {"none": []})  # row name -> list of defense specs
-    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attacks: list[str] = field(default_factory=lambda: list(PROBE_ATTACKS))
+    attack: ProbeAttackConfig = field(default_factory=ProbeAttackConfig)
     probe: ProbeSet = field(default_factory=ProbeSet)
     honest: HonestConfig = field(default_factory=HonestConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -133,8 +134,8 @@ class DefenseTableConfig:
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ConfigError(f"seeds={self.seeds} must be distinct non-negative integers, e.g. [0, 1, 2]")
         for a in self.attacks:
-            if a not in ATTACKS:
-                raise ConfigError(f"attacks entry {a!r} is not valid; choose from: {', '.join(ATTACKS)}")
+            if a not in PROBE_ATTACKS:
+                raise ConfigError(f"attacks entry {a!r} is not valid; choose from: {', '.join(PROBE_ATTACKS)}")
         if not isinstance(self.defenses, dict) or not self.defenses:
             raise ConfigError("defenses must be a mapping row name -> list of defense specs, e.g. {none: [], noise: [{name: noise}]}")
         for row, specs in self.defenses.items():
@@ -632,10 +633,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rows = run_table(cfg, acc)
     except (FileNotFoundError, ValueError, ImportError, ConfigError) as e:
         fail(str(e).splitlines()[0])
-    except RuntimeError as e:
-        if type(e).__name__ == "BudgetExceeded":
-            fail(f"{e}; raise budget or lower the attack's queries")
-        raise
+    except BudgetExceeded as e:
+        fail(f"{e}; raise budget or lower the attack's queries")
     print(f"wrote {cfg.run_dir / 'defense_table.md'}, {cfg.run_dir / 'defense_table.csv'}, "
           f"{cfg.run_dir / 'utility_vs_stolen.png'}")
     return rows

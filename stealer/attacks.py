@@ -1,6 +1,6 @@
 """The attacks of the steal engine: what each one queries (and pays), and how it trains.
 
-Every attack is an entry of ``ATTACKS`` (``attack.name`` in the config) and declares
+Every attack is an entry of ``ENCODER_ATTACKS`` (``attack.name`` in the config) and declares
 
 * ``queries_per_image(a)`` -- victim queries it spends per query image, each one paid through
   the ledger once: the query phase sends that many views of every image in one batch and caches
@@ -76,14 +76,14 @@ from stealer.augment import augment, batch_generator, keyed_views, normalize
 from stealer.config import ConfigError, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice
 from stealer.dist import gather_nograd, gather_sizes, gather_with_grad, is_distributed
 
-__all__ = ["AttackConfig", "Attack", "ATTACKS", "get_attack", "queries_per_image", "StepContext", "steal_step",
+__all__ = ["EncoderAttackConfig", "Attack", "ENCODER_ATTACKS", "get_attack", "queries_per_image", "StepContext", "steal_step",
            "stolenencoder_loss", "mismatch_nce", "contsteal_loss", "rda_loss", "ntxent", "VIEW_RECIPE"]
 
 VIEW_RECIPE = "keyed-augment/1"  # stealer.augment.keyed_views with the default AugmentConfig
 
 
 @dataclass
-class AttackConfig:
+class EncoderAttackConfig:
     name: str = "direct"  # direct | head_recreation | stolenencoder | contsteal | rda
     views: PositiveInt | None = None  # victim-queried views per image, each one paid (None = the attack's paper default)
     k: PositiveInt | None = None  # fresh student augmentations per image per step (stolenencoder 9, rda 5; None = default)
@@ -97,8 +97,8 @@ class AttackConfig:
     head_weight_decay: NonNegFloat = 1e-4  # head_recreation: Adam weight decay of the head (their --wd)
 
     def validate(self) -> None:
-        choice("attack.name", self.name, ATTACKS)
-        attack = ATTACKS[self.name]
+        choice("attack.name", self.name, ENCODER_ATTACKS)
+        attack = ENCODER_ATTACKS[self.name]
         if self.views is not None and self.views < 1:
             raise ConfigError(f"attack.views={self.views} is not valid; it must be >= 1 (or null for the default)")
         if attack.raw and self.views not in (None, 1):
@@ -278,21 +278,21 @@ class Attack:
     default_k = 0
     min_k = 0
 
-    def views(self, a: AttackConfig) -> int:
+    def views(self, a: EncoderAttackConfig) -> int:
         return a.views or self.default_views
 
-    def queries_per_image(self, a: AttackConfig) -> int:
+    def queries_per_image(self, a: EncoderAttackConfig) -> int:
         """Victim queries (ledger charges) this attack spends per query image."""
         return self.views(a)
 
-    def k(self, a: AttackConfig) -> int:
+    def k(self, a: EncoderAttackConfig) -> int:
         return self.default_k if a.k is None else a.k
 
-    def view_recipe(self, a: AttackConfig, seed: int) -> dict[str, Any] | None:
+    def view_recipe(self, a: EncoderAttackConfig, seed: int) -> dict[str, Any] | None:
         """How the queried views are made (recorded in the cache); None = the raw image."""
         return None if self.raw else {"recipe": VIEW_RECIPE, "count": self.views(a), "seed": int(seed)}
 
-    def query_images(self, a: AttackConfig, images: Tensor, keys: list[str], seed: int) -> Tensor:
+    def query_images(self, a: EncoderAttackConfig, images: Tensor, keys: list[str], seed: int) -> Tensor:
         """The uint8 images sent for a batch: [V * N, C, H, W], view-major."""
         if self.raw:
             return images
@@ -430,17 +430,17 @@ class HeadRecreationAttack(Attack):
         return _student_update(ctx, loss)
 
 
-ATTACKS: dict[str, Attack] = {a.name: a for a in (Attack(), HeadRecreationAttack(), StolenEncoderAttack(),
+ENCODER_ATTACKS: dict[str, Attack] = {a.name: a for a in (Attack(), HeadRecreationAttack(), StolenEncoderAttack(),
                                                    ContStealAttack(), RDAAttack())}
 
 
 def get_attack(name: str) -> Attack:
     """The attack registered as ``name``; ValueError listing the valid names otherwise."""
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose one of: {', '.join(ATTACKS)}")
-    return ATTACKS[name]
+    if name not in ENCODER_ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of: {', '.join(ENCODER_ATTACKS)}")
+    return ENCODER_ATTACKS[name]
 
 
-def queries_per_image(a: AttackConfig) -> int:
+def queries_per_image(a: EncoderAttackConfig) -> int:
     """Victim queries ``a`` spends per query image (for budget planning: images = budget // this)."""
     return get_attack(a.name).queries_per_image(a)

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Protocol
 import numpy as np
 import torch
 
-from stealer.attacks import AttackConfig, StepContext, get_attack, steal_step
+from stealer.attacks import EncoderAttackConfig, StepContext, get_attack, steal_step
 from stealer.cache import ResponseCache
 from stealer.config import (Channels, ConfigError, Fraction, MixedPrecision, Momentum, NonNegFloat, NonNegInt, OneOf,
                             PositiveFloat, PositiveInt, check_victim_preprocess, choice, save_config, to_dict)
@@ -42,7 +42,7 @@ from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
 from stealer.preempt import Preempted, Preemption
 from stealer.student import StolenEncoder, save_student
 
-__all__ = ["StealConfig", "AttackConfig", "run_query_phase", "run_train_phase", "train_stream", "steal_step", "QueryTarget"]
+__all__ = ["StealConfig", "EncoderAttackConfig", "run_query_phase", "run_train_phase", "train_stream", "steal_step", "QueryTarget"]
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class StealConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: EncoderAttackConfig = field(default_factory=EncoderAttackConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stealer.attacks import (ATTACKS, contsteal_loss, mismatch_nce, ntxent, queries_per_image, rda_loss,
+from stealer.attacks import (ENCODER_ATTACKS, contsteal_loss, mismatch_nce, ntxent, queries_per_image, rda_loss,
                              stolenencoder_loss)
 from stealer.augment import keyed_views
 from stealer.config import ConfigError, load_config
@@ -133,7 +133,7 @@ def test_attack_config_errors_name_the_key(override, match):
 
 
 def test_declared_spend_per_attack():
-    for name in ATTACKS:
+    for name in ENCODER_ATTACKS:
         cfg = load_config(StealConfig, None, [f"attack.name={name}"])
         assert queries_per_image(cfg.attack) == {"direct": 1, "stolenencoder": 1, "contsteal": 1,
                                                  "head_recreation": 2, "rda": 10}[name]
