@@ -132,8 +132,8 @@ def _ensure_victim(cfg: ClassifierSweepConfig, acc: Any, say: Callable[[str], No
 def run_sweep(cfg: ClassifierSweepConfig, acc: Any, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every row, the latency comparison and the report; returns ``sweep.json``'s content."""
     from eval.classifier_eval import load_labelled, predict, write_sweep
-    from launch.steal_classifier import ClassifierStealConfig, build_posterior_api, run_steal
-    from stealer.classifier_attacks import load_pool, write_json
+    from launch.steal_classifier import run_steal
+    from stealer.classifier import ClassifierStealConfig, build_posterior_api, load_pool, write_json
     from victims.classifier import load_classifier
     from victims.defenses.posterior import build_posterior_defenses
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from stealer.classifier_attacks import (GradientBandit, PosteriorCache, RewardNormalizer, cost_per_iteration, kmeans,
+from stealer.classifier import (GradientBandit, PosteriorCache, RewardNormalizer, cost_per_iteration, kmeans,
                                         knockoff_adaptive, logits_from_posteriors, quantize, reward_certainty,
                                         reward_diversity, reward_loss, soft_cross_entropy, zo_gradient, AttackConfig)
 
@@ -232,7 +232,7 @@ def test_every_attack_in_two_processes_and_the_ledger_counts_every_posterior(tmp
 def test_bad_budgets_fail_in_one_line(tmp_path):
     from types import SimpleNamespace
 
-    from stealer.classifier_attacks import CloneConfig, data_free, knockoff_random
+    from stealer.classifier import CloneConfig, data_free, knockoff_random
 
     t = CountingTarget()
     cache = PosteriorCache(tmp_path / "c", {"out_dim": 3})
@@ -248,7 +248,7 @@ def test_bad_budgets_fail_in_one_line(tmp_path):
 def test_clone_training_preempted_mid_epoch_resumes_bitwise(tmp_path, monkeypatch):
     """Knockoff's clone training checkpoints and resumes like the encoder steal (issue 3's contract)."""
     from launch.common import make_accelerator
-    from stealer.classifier_attacks import CloneConfig, CloneTrainConfig, knockoff_random, train_clone
+    from stealer.classifier import CloneConfig, CloneTrainConfig, knockoff_random, train_clone
     from stealer.preempt import Preempted, Preemption
 
     t = CountingTarget()
@@ -296,7 +296,7 @@ def test_clone_training_preempted_mid_epoch_resumes_bitwise(tmp_path, monkeypatc
 def test_data_free_preempted_resumes_bitwise_and_buys_nothing_twice(tmp_path, monkeypatch, kind):
     """DFME/MAZE (generator, clone, optimizers, RNGs, MAZE's replay bank) checkpoint and resume exactly."""
     from launch.common import make_accelerator
-    from stealer.classifier_attacks import CloneConfig, data_free
+    from stealer.classifier import CloneConfig, data_free
     from stealer.preempt import Preempted, Preemption
 
     acc = make_accelerator(cpu=True)

@@ -73,7 +73,7 @@ def _ledger(run: Path):
 
 
 def _posteriors(cache: Path) -> dict[str, torch.Tensor]:
-    from stealer.classifier_attacks import PosteriorCache
+    from stealer.classifier import PosteriorCache
 
     return {k: torch.from_numpy(v) for k, v in PosteriorCache(cache, json.loads((cache / "cache.json").read_text())).known.items()}
 
