@@ -36,7 +36,7 @@ import torch
 
 from stealer.cache import ResponseCache
 from stealer.data import ShardStream, open_shards
-from stealer.steal import QueryTarget, StealConfig
+from stealer.steal import QueryTarget, StealConfig, query_preprocessing
 
 __all__ = ["RepeatAverage", "fit_affine_map", "apply_affine_map", "sybil_users", "run_sybil_query_phase",
            "coverage_controlled_queries"]
@@ -119,7 +119,9 @@ def run_sybil_query_phase(cfg: StealConfig, victim: QueryTarget, *, sybils: int,
     account ``(i - overlap) % sybils`` only. The accounts are ``sybil_users(cfg.victim.user, S)``;
     each one's raw answers are cached in ``<run>/sybils/<account>/``. The map of account ``s`` is
     fitted on the overlap answers (:func:`fit_affine_map`); overlap images keep account 0's
-    answer. Spent: ``S * overlap + (n - overlap)`` queries. Single process (rank 0).
+    answer. Spent: ``S * overlap + (n - overlap)`` queries. Single process (rank 0). The images are
+    decoded, and the caches record the victim's preprocessing, as in the main query phase
+    (:func:`stealer.steal.query_preprocessing`), so the train phase decodes the view it answered about.
 
     Returns:
         counts (``queries_sent``, ``cached``, per-account ``spent``) and, per account, the
@@ -135,18 +137,22 @@ def run_sybil_query_phase(cfg: StealConfig, victim: QueryTarget, *, sybils: int,
         raise ValueError(f"sybil overlap={overlap} must be in [2, {n - 1}] (the first n={n} query images are used)")
     users = sybil_users(cfg.victim.user, sybils)
     run = cfg.run_dir
-    desc = victim.describe()
+    # as the main query phase (stealer.steal.query_preprocessing): every account's images are decoded with the
+    # victim's declared geometry, and every cache records it, so the train phase reads the view it answered about
+    desc, pre_record, decoder, served = query_preprocessing(cfg, victim.describe())
     caches = [ResponseCache(run / "sybils" / u, dtype="float32") for u in users]
-    meta = {"victim": desc, "user": cfg.victim.user, "query_set": os.path.abspath(cfg.data.query), "sybils": sybils,
-            "overlap": overlap, "out_dim": desc.get("out_dim"), "channels": cfg.data.channels,
+    meta = {"victim": desc, "victim_preprocess": pre_record, "user": cfg.victim.user,
+            "query_set": os.path.abspath(cfg.data.query), "sybils": sybils, "overlap": overlap, "out_dim": desc.get("out_dim"), "channels": cfg.data.channels,
             "image_size": [cfg.data.image_size] * 2, "classes": shards.manifest.get("classes", []),
-            "image_ext": shards.manifest.get("image_ext", "png"), "defenses": cfg.victim.defenses}
+            "image_ext": shards.manifest.get("image_ext", "png"), "defenses": cfg.victim.defenses,
+            # answers at another precision are other answers; fp32 (None) leaves older caches valid
+            "victim_precision": None if getattr(victim, "precision", "fp32") == "fp32" else victim.precision}
     for c in caches:
         c.check_meta(meta)
         c.write_meta(meta)
     done = [c.done_keys() for c in caches]
     stream = ShardStream(shards, batch_size=cfg.query.batch_size, shuffle=False, channels=cfg.data.channels,
-                         image_size=cfg.data.image_size, limit=n, keep_bytes=True)
+                         image_size=cfg.data.image_size, limit=n, keep_bytes=True, decoder=decoder)
     sent = [0] * sybils
     keys: list[str] = []
     for batch in stream.iter_epoch(0):
@@ -190,7 +196,8 @@ def run_sybil_query_phase(cfg: StealConfig, victim: QueryTarget, *, sybils: int,
         out.write_batch(mine, [answers[s][k][0] for k in mine], [answers[s][k][1] for k in mine], r.numpy())
     manifest = out.finalize(source=f"sybil-mapped responses of {desc.get('arch', 'victim')} to {cfg.data.query}")
     stats = {"queries_sent": sum(sent), "sent_per_account": dict(zip(users, sent)), "cached": manifest["num_samples"],
-             "query_set_size": n, "overlap": overlap, "sybils": sybils, "map_residual": residuals}
+             "query_set_size": n, "overlap": overlap, "sybils": sybils, "map_residual": residuals,
+             "victim_preprocess": served}
     (run / "query_phase.json").write_text(json.dumps(stats, indent=1))
     return stats
 

@@ -227,15 +227,7 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     run = cfg.run_dir
     cache = ResponseCache(run / "cache", rank=rank, dtype=cfg.query.dtype)
     shards = open_shards(cfg.data.query)
-    desc = victim.describe()
-    # the victim's preprocessing (its own declaration, in-process or over HTTP): the query images are decoded
-    # with its geometry, and the cache records it so that answers made under another one never mix in
-    pre_record, decoder = _victim_preprocessing(cfg, desc, _is_main(accelerator))
-    if decoder is not None and cfg.data.decode == "device":  # refused before the cache records anything
-        raise ValueError(f"data.decode=device cannot give the victim its exact {desc['preprocess'].get('preset')} resize/crop "
-                         f"(torchvision's, per image, on the CPU); set data.decode=cpu for the query phase")
-    served_preprocess = desc.get("preprocess") or None
-    desc = {k: v for k, v in desc.items() if k != "preprocess"}  # recorded apart, below: older caches stay valid
+    desc, pre_record, decoder, served_preprocess = query_preprocessing(cfg, victim.describe(), _is_main(accelerator))
     meta = {"victim": desc, "victim_preprocess": pre_record,
             "victim_checkpoint": cfg.victim.url or os.path.abspath(cfg.victim.checkpoint),
             "random_init_victim": cfg.victim.random_init, "defenses": cfg.victim.defenses, "user": cfg.victim.user, "query_set": os.path.abspath(cfg.data.query),
@@ -392,6 +384,25 @@ def _settle_journal(cache: ResponseCache, victim: Any, user: str) -> None:
     if callable(forget) and settled:
         forget(user, settled)
     cache.rewrite_journal([(b, keys) for b, keys in intents if b not in set(settled)])
+
+
+def query_preprocessing(cfg: StealConfig, desc: dict[str, Any],
+                        main: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None, Any, dict[str, Any] | None]:
+    """What every query phase (:func:`run_query_phase`, the sybil phase of stealer/countermoves.py) decodes
+    with and records, from the victim's ``describe()``: ``(desc without its preprocess, the cache's
+    victim_preprocess record, the query stream's per-image decoder or None, the preprocessing it serves)``.
+
+    The victim's preprocessing (its own declaration, in-process or over HTTP): the query images are decoded
+    with its geometry, and the cache records it so that answers made under another one never mix in.
+    data.decode=device is refused for a geometry, before any cache records anything.
+    """
+    pre_record, decoder = _victim_preprocessing(cfg, desc, main)
+    if decoder is not None and cfg.data.decode == "device":
+        raise ValueError(f"data.decode=device cannot give the victim its exact {desc['preprocess'].get('preset')} resize/crop "
+                         f"(torchvision's, per image, on the CPU); set data.decode=cpu for the query phase")
+    served = desc.get("preprocess") or None
+    desc = {k: v for k, v in desc.items() if k != "preprocess"}  # recorded apart: older caches stay valid
+    return desc, pre_record, decoder, served
 
 
 def _victim_preprocessing(cfg: StealConfig, desc: dict[str, Any], main: bool = True) -> tuple[dict[str, Any] | None, Any]:
