@@ -343,8 +343,11 @@ def gain_lines(t: CurveTable) -> list[str]:
         if not g:
             continue
         qs = t.queries
+        gap = t.references["victim"].mean - t.references[ref].mean
+        warn = (f" **The victim beats r by only {gap:.3f}: these ratios divide by that gap and say little.**"
+                if gap < 0.05 else "")
         out += [f"Gain recovered, (stolen − r) / (victim − r) with r = {_REFERENCE_LABELS[ref]} "
-                f"({t.references[ref].mean:.3f}), per seed then mean ± std:", "",
+                f"({t.references[ref].mean:.3f}), per seed then mean ± std:{warn}", "",
                 "| attack | " + " | ".join(_q(q) for q in qs) + " |", "|" + "---|" * (len(qs) + 1)]
         for key, pts in g.items():
             cells = [_cell(Stat(pts[q].values)) if q in pts else "—" for q in qs]
