@@ -110,6 +110,27 @@ def _read_cache(root: Path) -> dict[str, tuple[tuple[str, bytes], int, np.ndarra
     return out
 
 
+def _legacy_victim(run: Path, users: list[str], desc: dict[str, Any], served: dict[str, Any] | None,
+                   decoder: Any) -> dict[str, Any]:
+    """The ``victim`` record to check the sybil caches against: ``desc``, or, for caches made before the sybil
+    phase recorded ``victim_preprocess`` apart (its ``victim`` held ``preprocess``), their own form when the
+    victim has no geometry (the same pixels: those paid answers stay valid). With a geometry their answers are
+    about the full centre square, not the victim's view: refused, in one line."""
+    paths = [run / "sybils" / u / "cache.json" for u in users] + [run / "cache" / "cache.json"]
+    for path in paths:
+        if not path.is_file():
+            continue
+        old = json.loads(path.read_text())
+        if "victim_preprocess" in old or old.get("victim") != json.loads(json.dumps({**desc, "preprocess": served})):
+            return desc  # today's form, or another victim: check_meta says which
+        if decoder is not None and served is not None:
+            raise ValueError(f"response cache {path.parent} was made before the sybil phase decoded with the victim's "
+                             f"geometry (its answers are about the full centre square, not {served.get('preset')} "
+                             f"Resize {served.get('resize')} + CenterCrop {served.get('crop')}); use a new run name (name=...)")
+        return old["victim"]
+    return desc
+
+
 def run_sybil_query_phase(cfg: StealConfig, victim: QueryTarget, *, sybils: int, overlap: int,
                           ridge: float = 1e-3) -> dict[str, Any]:
     """Query the first ``query.num_queries`` images of the query set with ``sybils`` accounts, map
@@ -141,6 +162,7 @@ def run_sybil_query_phase(cfg: StealConfig, victim: QueryTarget, *, sybils: int,
     # victim's declared geometry, and every cache records it, so the train phase reads the view it answered about
     desc, pre_record, decoder, served = query_preprocessing(cfg, victim.describe())
     caches = [ResponseCache(run / "sybils" / u, dtype="float32") for u in users]
+    desc = _legacy_victim(run, users, desc, served, decoder)
     meta = {"victim": desc, "victim_preprocess": pre_record, "user": cfg.victim.user,
             "query_set": os.path.abspath(cfg.data.query), "sybils": sybils, "overlap": overlap, "out_dim": desc.get("out_dim"), "channels": cfg.data.channels,
             "image_size": [cfg.data.image_size] * 2, "classes": shards.manifest.get("classes", []),

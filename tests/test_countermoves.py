@@ -95,6 +95,15 @@ def test_sybils_map_b4b_spaces_and_feed_the_normal_train_phase(tmp_path, data):
     # a rerun pays nothing; the normal train phase trains on the mapped cache
     again = run_sybil_query_phase(cfg, api, sybils=2, overlap=80)
     assert again["queries_sent"] == 0 and sum(api.ledger.spent(u) for u in users) == 260
+    # caches made before the sybil phase recorded victim_preprocess apart (the victim's preprocess inside
+    # "victim"): a victim without a geometry decoded the same pixels, so they stay valid, nothing re-bought
+    for meta_path in (tmp_path / "syb").rglob("cache.json"):
+        meta = json.loads(meta_path.read_text())
+        assert meta.pop("victim_preprocess") is None and "preprocess" not in meta["victim"]
+        meta["victim"]["preprocess"] = api.describe()["preprocess"]
+        meta_path.write_text(json.dumps(meta))
+    legacy = run_sybil_query_phase(cfg, api, sybils=2, overlap=80)
+    assert legacy["queries_sent"] == 0 and legacy["cached"] == 180 and sum(api.ledger.spent(u) for u in users) == 260
     res = run_train_phase(cfg, make_accelerator(cpu=True))
     assert res["samples"] == 180 and res["steps"] == 3
     assert json.loads((tmp_path / "syb" / "query_phase.json").read_text())["sybils"] == 2

@@ -118,3 +118,17 @@ def test_sybil_steal_feeds_records_and_trains_on_the_victims_view(tmp_path: Path
     assert "\n" not in msg and "victim preprocessing" in msg and "name=" in msg
     assert other.fed == {} and {u: api.ledger.spent(u) for u in users} == spent
     assert {p: p.read_bytes() for p in cfg.run_dir.rglob("cache.json")} == before
+
+    # a cache made before the sybil phase decoded with the victim's geometry (its "victim" held the preprocess,
+    # no victim_preprocess): its answers are about the full square; refused, before anything is paid
+    for meta_path in cfg.run_dir.rglob("cache.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["victim"]["preprocess"] = api.describe()["preprocess"]
+        meta.pop("victim_preprocess")
+        meta_path.write_text(json.dumps(meta))
+    victim.fed.clear()
+    with pytest.raises(ValueError) as e:
+        run_sybil_query_phase(cfg, victim, sybils=2, overlap=2)
+    msg = str(e.value)
+    assert "\n" not in msg and "full centre square" in msg and "CenterCrop 32" in msg and "name=" in msg
+    assert victim.fed == {} and {u: api.ledger.spent(u) for u in users} == spent
