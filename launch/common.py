@@ -23,8 +23,8 @@ def queries_spent(api: Any, user: str) -> int:
 
 
 def config_help(cls: type, prefix: str = "") -> list[str]:
-    """``key = default`` lines for every leaf of a config dataclass (with its declared range, if any)."""
-    from stealer.config import constraint_text
+    """``key = default`` lines for every leaf of a config dataclass (with its declared range and help text, if any)."""
+    from stealer.config import constraint_text, field_help
 
     lines = []
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -34,8 +34,8 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
             lines += config_help(tp, prefix + f.name + ".")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            allowed = constraint_text(tp)
-            lines.append(f"  {prefix}{f.name} = {default!r}" + (f"  ({allowed})" if allowed else ""))
+            allowed, what = constraint_text(tp), field_help(f)
+            lines.append(f"  {prefix}{f.name} = {default!r}" + (f"  ({allowed})" if allowed else "") + (f"  -- {what}" if what else ""))
     return lines
 
 

@@ -32,7 +32,8 @@ import yaml
 
 __all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice",
            "Range", "OneOf", "constraint_text", "check_value", "PositiveInt", "NonNegInt", "PositiveFloat", "NonNegFloat",
-           "Fraction", "Momentum", "Channels", "MixedPrecision", "check_victim_preprocess"]
+           "Fraction", "Momentum", "Channels", "MixedPrecision", "check_victim_preprocess", "setting", "field_help",
+           "RunHeader", "ShardTrainHeader", "BackboneConfig"]
 
 T = TypeVar("T")
 
@@ -92,6 +93,70 @@ Fraction = Annotated[float, Range(ge=0, le=1)]
 Momentum = Annotated[float, Range(ge=0, lt=1)]
 Channels = Annotated[int, OneOf(1, 3)]  # grey or RGB images
 MixedPrecision = Annotated[str, OneOf("auto", "no", "bf16", "fp16")]  # autocast of a training loop
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its ``--help`` text (kept in ``field.metadata["help"]``; ``launch.common.config_help``
+    prints it beside the key, its default and its declared range)."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The help text a field was declared with ('' when none)."""
+    return str(f.metadata.get("help", ""))
+
+
+# -- shared config pieces: declared once, inherited by every job that has them ---------------------------
+@dataclasses.dataclass
+class RunHeader:
+    """The keys every training job starts with: where it writes, its seed, resume and the loop's cadence.
+
+    A job's config inherits it (``class VictimTrainConfig(ShardTrainHeader)``): the keys stay top-level
+    (``seed=1``, ``ckpt_every=50``), declared, ranged and documented in this one place.
+    """
+
+    name: str = setting("run", "run name: everything is written to <out_dir>/<name>")
+    out_dir: str = setting("runs", "folder that holds the run folders")
+    seed: NonNegInt = setting(0, "seed of initialisation, data order and augmentation")
+    cpu: bool = setting(False, "run on the CPU even when an accelerator is present")
+    resume: str = setting("auto", "auto (newest valid checkpoint of this run), none, or a checkpoint path")
+    resume_force: bool = setting(False, "resume even from a checkpoint written with other settings (they are listed)")
+    mixed_precision: MixedPrecision = setting("auto", "autocast: auto (none on the CPU; bf16 on a GPU that has it, else fp16 with a GradScaler), no, bf16 or fp16")
+    ckpt_every: PositiveInt = setting(200, "steps between checkpoints (and on preemption)")
+    log_every: PositiveInt = setting(10, "steps between progress lines")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclasses.dataclass
+class ShardTrainHeader(RunHeader):
+    """:class:`RunHeader` plus the training shards a victim trainer reads."""
+
+    train_data: str = setting("runs/demo/data/animal_mnist/victim_train", "shard folder to train on (launch/make_shards.py)")
+    image_size: PositiveInt = setting(32, "images are resized (shorter side) and centre-cropped to this size")
+    channels: Channels = setting(1, "1 (grey) or 3 (RGB): what the images are decoded to")
+    workers: NonNegInt = setting(0, "loader worker processes per rank (0: decode in the training process)")
+
+
+@dataclasses.dataclass
+class BackboneConfig:
+    """The backbone keys (``model.arch``/``width``/``stem``) of the victim trainers, checked against
+    ``victims.backbones`` at config time."""
+
+    arch: str = setting("resnet18", "a victims.backbones name (resnet18, resnet50, ...) or timm:<model name>")
+    width: PositiveInt = setting(32, "base width of the project's ResNets (64 is torchvision's); ResNets only")
+    stem: str = setting("small", "small (3x3 conv, no max-pool: small images) or imagenet (7x7 + max-pool); ResNets only")
+
+    def validate(self) -> None:
+        from victims.backbones import BACKBONES, STEMS, TIMM_PREFIX
+
+        if not self.arch.startswith(TIMM_PREFIX):
+            choice("model.arch", self.arch, list(BACKBONES) + [f"{TIMM_PREFIX}<model name>"])
+            choice("model.stem", self.stem, list(STEMS))
 
 
 def _constraints(tp: Any) -> list[Any]:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from stealer.augment import AugmentConfig, augment, batch_generator, normalize
-from stealer.config import (Channels, MixedPrecision, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt,
-                            choice, to_dict)
+from stealer.config import (BackboneConfig, Momentum, NonNegFloat, PositiveFloat, PositiveInt, ShardTrainHeader, setting,
+                            to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
@@ -34,12 +34,9 @@ __all__ = ["VictimTrainConfig", "train_simsiam_victim"]
 
 
 @dataclass
-class VictimModelConfig:
-    arch: str = "resnet18"
-    width: PositiveInt = 32
-    stem: str = "small"
-    dim: PositiveInt = 512  # projector output (2048 for the official ResNet-50)
-    pred_dim: PositiveInt = 128  # predictor bottleneck (512 officially)
+class VictimModelConfig(BackboneConfig):
+    dim: PositiveInt = setting(512, "projector output (2048 for the official ResNet-50)")
+    pred_dim: PositiveInt = setting(128, "predictor bottleneck (512 officially)")
 
 
 @dataclass
@@ -53,17 +50,8 @@ class WatermarkConfig:
 
 
 @dataclass
-class VictimTrainConfig:
-    name: str = "victim"
-    out_dir: str = "runs"
-    seed: NonNegInt = 0
-    cpu: bool = False
-    resume: str = "auto"
-    resume_force: bool = False  # resume even from a checkpoint written with other settings (they are listed)
-    train_data: str = "runs/demo/data/animal_mnist/victim_train"
-    image_size: PositiveInt = 32
-    channels: Channels = 1
-    workers: NonNegInt = 0
+class VictimTrainConfig(ShardTrainHeader):
+    name: str = setting("victim", "run name: everything is written to <out_dir>/<name>")
     model: VictimModelConfig = field(default_factory=VictimModelConfig)
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -74,21 +62,6 @@ class VictimTrainConfig:
     momentum: Momentum = 0.9
     fix_pred_lr: bool = True
     warmup_epochs: NonNegFloat = 0.0
-    mixed_precision: MixedPrecision = "auto"
-    ckpt_every: PositiveInt = 200
-    log_every: PositiveInt = 10
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
-
-    def validate(self) -> None:
-        from victims.backbones import BACKBONES, STEMS
-
-        choice("mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
-        if not self.model.arch.startswith("timm:"):
-            choice("model.arch", self.model.arch, list(BACKBONES) + ["timm:<model name>"])
-            choice("model.stem", self.model.stem, list(STEMS))
 
 
 # what may differ between a checkpoint's run and the run resuming it (bookkeeping and speed)

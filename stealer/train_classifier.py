@@ -21,39 +21,27 @@ import torch
 import torch.nn.functional as F
 
 from stealer.augment import AugmentConfig, augment, batch_generator
-from stealer.config import (Channels, Fraction, MixedPrecision, Momentum, NonNegFloat, NonNegInt, PositiveFloat,
-                            PositiveInt, Range, choice, to_dict)
+from stealer.config import (BackboneConfig, Fraction, Momentum, NonNegFloat, PositiveFloat, PositiveInt, Range,
+                            ShardTrainHeader, setting, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
-from victims.backbones import STEMS, TIMM_PREFIX
 from victims.classifier import build_classifier, save_classifier
 
 __all__ = ["ClassifierModelConfig", "ClassifierTrainConfig", "train_classifier", "evaluate_classifier"]
 
 
 @dataclass
-class ClassifierModelConfig:
-    arch: str = "resnet18"  # a victims.backbones name or timm:<name>
-    width: PositiveInt = 32  # ResNets only
-    stem: str = "small"  # ResNets only
+class ClassifierModelConfig(BackboneConfig):
+    """The classifier's backbone: the shared ``model.arch``/``width``/``stem`` keys."""
 
 
 @dataclass
-class ClassifierTrainConfig:
-    name: str = "victim_clf"
-    out_dir: str = "runs"
-    seed: NonNegInt = 0
-    cpu: bool = False
-    resume: str = "auto"
-    resume_force: bool = False  # resume even from a checkpoint written with other settings (they are listed)
-    train_data: str = "runs/demo/data/animal_mnist/victim_train"
-    test_data: str = ""  # optional labelled shards: accuracy recorded in the checkpoint and result.json
-    image_size: PositiveInt = 32
-    channels: Channels = 1
-    workers: NonNegInt = 0
-    mean: Fraction = 0.5  # normalisation of images/255, stored in the checkpoint
-    std: PositiveFloat = 0.25
+class ClassifierTrainConfig(ShardTrainHeader):
+    name: str = setting("victim_clf", "run name: everything is written to <out_dir>/<name>")
+    test_data: str = setting("", "optional labelled shards: accuracy recorded in the checkpoint and result.json")
+    mean: Fraction = setting(0.5, "normalisation of images/255, stored in the checkpoint")
+    std: PositiveFloat = setting(0.25, "normalisation of images/255, stored in the checkpoint")
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale_min=0.5, jitter_p=0.0))
     epochs: PositiveInt = 10
@@ -63,18 +51,6 @@ class ClassifierTrainConfig:
     momentum: Momentum = 0.9
     warmup_epochs: NonNegFloat = 0.5
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
-    mixed_precision: MixedPrecision = "auto"
-    ckpt_every: PositiveInt = 200
-    log_every: PositiveInt = 10
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
-
-    def validate(self) -> None:
-        choice("mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
-        if not self.model.arch.startswith(TIMM_PREFIX):
-            choice("model.stem", self.model.stem, list(STEMS))
 
 
 def _classes(shards: Any, where: str) -> list[str]:

@@ -8,6 +8,7 @@ import resource
 import subprocess
 import sys
 import tarfile
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,33 @@ def test_data_and_device_decode_do_not_import_each_other():
     import stealer.decode
 
     assert stealer.data.decode_image is stealer.decode.decode_image
+
+
+# -- shared config pieces ----------------------------------------------------------------------
+@pytest.mark.parametrize("job", ["pretrain", "classifier"])
+def test_the_victim_trainers_share_the_run_header_and_backbone_pieces(job):
+    import dataclasses
+
+    from launch.common import config_help
+    from stealer.config import BackboneConfig, ConfigError, RunHeader, ShardTrainHeader, load_config
+
+    if job == "pretrain":
+        from stealer.pretrain import VictimTrainConfig as cls
+    else:
+        from stealer.train_classifier import ClassifierTrainConfig as cls
+    assert issubclass(cls, ShardTrainHeader) and issubclass(cls, RunHeader)
+    assert issubclass(typing.get_type_hints(cls)["model"], BackboneConfig)
+    help_lines = config_help(cls)
+    for f in dataclasses.fields(ShardTrainHeader):  # every shared key is shown with its help text
+        line = next(x for x in help_lines if x.strip().startswith(f"{f.name} ="))
+        assert f.metadata["help"] and f.metadata["help"] in line
+    assert any(x.strip().startswith("model.stem =") and "imagenet" in x for x in help_lines)
+    cfg = load_config(cls, None, ["seed=3", "ckpt_every=7", "model.width=16"])
+    assert (cfg.seed, cfg.ckpt_every, cfg.model.width) == (3, 7, 16)
+    assert cfg.run_dir.name == cfg.name
+    for bad, key in (("seed=-1", "seed=-1 is out of range"), ("log_every=0", "log_every=0 is out of range"),
+                     ("mixed_precision=fp8", "mixed_precision='fp8' is not valid"),
+                     ("model.arch=resnet7", "model.arch='resnet7' is not valid"),
+                     ("model.stem=huge", "model.stem='huge' is not valid"), ("channels=2", "channels=2 is not valid")):
+        with pytest.raises(ConfigError, match=key.replace("(", r"\(")):
+            load_config(cls, None, [bad])
