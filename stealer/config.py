@@ -33,7 +33,7 @@ import yaml
 __all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice",
            "Range", "OneOf", "constraint_text", "check_value", "PositiveInt", "NonNegInt", "PositiveFloat", "NonNegFloat",
            "Fraction", "Momentum", "Channels", "MixedPrecision", "check_victim_preprocess", "setting", "field_help",
-           "RunHeader", "ShardTrainHeader", "BackboneConfig"]
+           "JobHeader", "RunHeader", "ShardTrainHeader", "BackboneConfig", "HEADER_MAY_CHANGE"]
 
 T = TypeVar("T")
 
@@ -110,26 +110,39 @@ def field_help(f: dataclasses.Field) -> str:
 
 # -- shared config pieces: declared once, inherited by every job that has them ---------------------------
 @dataclasses.dataclass
-class RunHeader:
-    """The keys every training job starts with: where it writes, its seed, resume and the loop's cadence.
+class JobHeader:
+    """The keys every job starts with: its name, where it writes, its seed and the CPU switch.
 
-    A job's config inherits it (``class VictimTrainConfig(ShardTrainHeader)``): the keys stay top-level
-    (``seed=1``, ``ckpt_every=50``), declared, ranged and documented in this one place.
+    A job's config inherits it (or :class:`RunHeader`, for training loops): the keys stay top-level
+    (``seed=1``), declared, ranged and documented in this one place.
     """
 
     name: str = setting("run", "run name: everything is written to <out_dir>/<name>")
     out_dir: str = setting("runs", "folder that holds the run folders")
     seed: NonNegInt = setting(0, "seed of initialisation, data order and augmentation")
     cpu: bool = setting(False, "run on the CPU even when an accelerator is present")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclasses.dataclass
+class RunHeader(JobHeader):
+    """:class:`JobHeader` plus what a training loop adds: resume, autocast and the loop's cadence
+    (``class VictimTrainConfig(ShardTrainHeader)``; ``ckpt_every=50``)."""
+
     resume: str = setting("auto", "auto (newest valid checkpoint of this run), none, or a checkpoint path")
     resume_force: bool = setting(False, "resume even from a checkpoint written with other settings (they are listed)")
     mixed_precision: MixedPrecision = setting("auto", "autocast: auto (none on the CPU; bf16 on a GPU that has it, else fp16 with a GradScaler), no, bf16 or fp16")
     ckpt_every: PositiveInt = setting(200, "steps between checkpoints (and on preemption)")
     log_every: PositiveInt = setting(10, "steps between progress lines")
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
+
+#: Keys of :class:`ShardTrainHeader` a resumed run may change (bookkeeping and speed, never the results);
+#: each loop adds its own (``epochs``, ``test_data``, ...) to its allow-list.
+HEADER_MAY_CHANGE = frozenset({"resume", "resume_force", "cpu", "out_dir", "workers", "mixed_precision", "ckpt_every",
+                               "log_every"})
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from stealer.augment import AugmentConfig, augment, batch_generator, normalize
-from stealer.config import (BackboneConfig, Momentum, NonNegFloat, PositiveFloat, PositiveInt, ShardTrainHeader, setting,
+from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Momentum, NonNegFloat, PositiveFloat, PositiveInt, ShardTrainHeader, setting,
                             to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
@@ -65,8 +65,7 @@ class VictimTrainConfig(ShardTrainHeader):
 
 
 # what may differ between a checkpoint's run and the run resuming it (bookkeeping and speed)
-RESUME_MAY_CHANGE = {"resume", "resume_force", "cpu", "out_dir", "epochs", "workers", "mixed_precision", "ckpt_every",
-                     "log_every"}
+RESUME_MAY_CHANGE = HEADER_MAY_CHANGE | {"epochs"}
 
 
 def train_simsiam_victim(cfg: VictimTrainConfig, accelerator: Any) -> Path:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from stealer.augment import AugmentConfig, augment, batch_generator
-from stealer.config import (BackboneConfig, Fraction, Momentum, NonNegFloat, PositiveFloat, PositiveInt, Range,
+from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Fraction, Momentum, NonNegFloat, PositiveFloat, PositiveInt, Range,
                             ShardTrainHeader, setting, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
@@ -80,8 +80,7 @@ def evaluate_classifier(model: torch.nn.Module, data: str, *, channels: int, ima
 
 
 # what may differ between a checkpoint's run and the run resuming it (bookkeeping, speed, evaluation)
-RESUME_MAY_CHANGE = {"resume", "resume_force", "cpu", "out_dir", "epochs", "workers", "mixed_precision", "ckpt_every",
-                     "log_every", "test_data"}
+RESUME_MAY_CHANGE = HEADER_MAY_CHANGE | {"epochs", "test_data"}
 
 
 def train_classifier(cfg: ClassifierTrainConfig, accelerator: Any) -> Path:

@@ -2,7 +2,7 @@
 
 Every file the project writes for others to read (checkpoints, ``latest``, manifests, shards,
 the response cache's sidecars, configs, reports, victim checkpoints) goes through
-:func:`atomic_write` or :func:`atomic_path`: the bytes go to a temp file of *this* process in
+:func:`atomic_write` or :func:`atomic_open`: the bytes go to a temp file of *this* process in
 the target's folder (``.<name>.<pid>.<random>.tmp``, so two processes writing the same target
 never share one), are fsynced, ``os.replace``d onto the target, and the folder is fsynced so the
 rename itself survives a power cut. A reader sees the old file or the new one, never a torn one;
@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_path",
+__all__ = ["atomic_write", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "create_once", "fsync_dir", "temp_name"]
 
 
@@ -47,24 +47,6 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path`` for code that writes by path (``tarfile.open(tmp)``, sqlite,
-    ``np.savez``); on a clean exit it is fsynced and renamed onto ``path``, on an error removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
