@@ -124,8 +124,8 @@ def test_keyed_views_are_a_function_of_seed_key_and_view():
 # -- configuration ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override,match", [
     ("attack.name=foo", "attack.name='foo' is not valid; choose one of: direct, head_recreation, stolenencoder, contsteal, rda"),
-    ("attack.views=0", "attack.views=0 is not valid"),
-    ("attack.temperature=0", "attack.temperature=0.0 is not valid"),
+    ("attack.views=0", "attack.views=0 is out of range; set attack.views to a value >= 1"),
+    ("attack.temperature=0", r"attack.temperature=0.0 is out of range; set attack.temperature to a value > 0"),
 ])
 def test_attack_config_errors_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
