@@ -41,18 +41,21 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError, ImportError, ConnectionError, OSError) as e:
         fail(str(e).splitlines()[0])
     except RuntimeError as e:
+        from stealer.client import VictimHTTPError
         from victims.ledger import BudgetExceeded  # the one class, raised in-process and for HTTP's 402
 
         if isinstance(e, BudgetExceeded):
             cached = cfg.run_dir / "cache"
             fail(f"{e}; every response paid for so far is kept in {cached}; raise victim.budget or lower query.num_queries and rerun")
-        if type(e).__name__ == "VictimHTTPError":
+        if isinstance(e, VictimHTTPError):
             fail(str(e).splitlines()[0])
         raise
     if acc.is_main_process:
         from stealer.jsonsafe import dumps as json_dumps  # strict JSON: a diverged (NaN) final_loss is null
 
-        (cfg.run_dir / "steal.json").write_text(json_dumps(out, indent=1))
+        from victims.atomic import atomic_write_text
+
+        atomic_write_text(cfg.run_dir / "steal.json", json_dumps(out, indent=1))
         print(json_dumps(out, indent=1))
     acc.end_training()
     return out

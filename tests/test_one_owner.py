@@ -208,3 +208,32 @@ def test_the_victim_trainers_share_the_run_header_and_backbone_pieces(job):
                      ("model.stem=huge", "model.stem='huge' is not valid"), ("channels=2", "channels=2 is not valid")):
         with pytest.raises(ConfigError, match=key.replace("(", r"\(")):
             load_config(cls, None, [bad])
+
+
+def test_launch_steal_catches_the_budget_refusal_by_type(tmp_path, capsys):
+    """A ledger already nearly spent: the query phase hits victims.ledger.BudgetExceeded and launch/steal.py
+    turns it into one error line (exit 2) naming the fix, the cache kept."""
+    import runpy
+
+    from conftest import tiny_steal_assets
+    from victims.ledger import QueryLedger
+
+    root, victim = tiny_steal_assets(tmp_path, {"animal_mnist": {"victim_train": 8, "query": 40, "probe_train": 8,
+                                                                  "probe_test": 8}, "digits": {"probe_train": 8, "probe_test": 8}})
+    ledger = QueryLedger(tmp_path / "s" / "victim_state" / "ledger.sqlite")
+    ledger.set_budget("attacker", 40)
+    ledger.charge("attacker", 30)  # someone else's spend: the preflight's count of 40 fits the budget, the ledger does not
+    argv = ["steal.py", f"out_dir={tmp_path}", "name=s", "cpu=true", f"data.query={root}/data/animal_mnist/query",
+            f"victim.checkpoint={victim}", "data.image_size=16", "victim.budget=40", "victim.user=attacker",
+            "phases=[query]", "query.batch_size=8"]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "launch" / "steal.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "query budget exceeded for user 'attacker'" in err[0] and "raise victim.budget" in err[0]
+    assert ledger.spent("attacker") == 38  # one batch of 8 bought, the next refused uncharged
