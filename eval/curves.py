@@ -436,6 +436,8 @@ def write_curves(records: Iterable[dict[str, Any]], out_dir: str | Path, *, titl
             pngs.append(plot_table(t, out / name, title=f"{title}: {t.set} ({t.probe})" if title else None))
             images[(t.set, t.probe)] = name
     md = markdown(tables, title=title, images=images)
-    (out / "curves.md").write_text(md)
-    (out / "curves.csv").write_text(csv_text(tables))
+    from victims.atomic import atomic_write_text
+
+    atomic_write_text(out / "curves.md", md)
+    atomic_write_text(out / "curves.csv", csv_text(tables))
     return {"tables": tables, "markdown": md, "paths": {"md": out / "curves.md", "csv": out / "curves.csv", "png": pngs}}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from stealer.jsonsafe import dumps as json_dumps
+from victims.atomic import atomic_write_text
 
 __all__ = ["gain_recovered", "build_report", "write_report", "markdown_table", "save_figure", "SeedStat",
            "NOISE_RULE", "beyond_noise", "seed_cell", "noise_comparisons", "seed_table_markdown", "defense_seed_table"]
@@ -112,9 +113,9 @@ def write_report(rep: dict[str, Any], run_dir: str | Path) -> str:
     """Write ``report.json`` and ``report.md`` into ``run_dir``; return the Markdown."""
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "report.json").write_text(json_dumps(rep, indent=1, sort_keys=False))  # strict JSON: NaN (a ratio over 0) is null
+    atomic_write_text(d / "report.json", json_dumps(rep, indent=1, sort_keys=False))  # strict JSON: NaN (a ratio over 0) is null
     md = markdown_table(rep)
-    (d / "report.md").write_text("# sslsteal report\n\n" + md)
+    atomic_write_text(d / "report.md", "# sslsteal report\n\n" + md)
     return md
 
 

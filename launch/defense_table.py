@@ -45,6 +45,7 @@ from launch.common import fail, make_accelerator, parse_job_args  # noqa: E402
 from stealer.config import (  # noqa: E402
     Channels, ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveInt, load_config, save_config, to_dict
 )
+from victims.atomic import atomic_write_text  # noqa: E402
 from victims.ledger import BudgetExceeded  # noqa: E402
 
 __all__ = ["DefenseTableConfig", "PROBE_ATTACKS", "calibrate_similarity_threshold", "run_table", "main"]
@@ -316,7 +317,7 @@ def run_cell(cfg: DefenseTableConfig, row: _Row, attack: str, acc: Any) -> dict[
            "seconds_query": round(t1 - t0, 1), "seconds_train": round(time.time() - t1, 1)}
     if "map_residual" in q:
         out["sybil_map_residual"] = max(q["map_residual"].values()) if q["map_residual"] else None
-    done.write_text(json.dumps(out, indent=1))
+    atomic_write_text(done, json.dumps(out, indent=1))  # the cell's done marker: never torn
     return out
 
 
@@ -434,11 +435,8 @@ def write_outputs(cfg: DefenseTableConfig, rows: list[dict[str, Any]], extra: di
     w.writeheader()
     for r in rows:
         w.writerow({k: r.get(k) for k in cols})
-    (out / "defense_table.csv").write_text(buf.getvalue())
-    with open(out / "results.jsonl", "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-        fh.write(json.dumps({"summary": extra}) + "\n")
+    atomic_write_text(out / "defense_table.csv", buf.getvalue())
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in [*rows, {"summary": extra}]))
 
     attacks = [a for a in cfg.attacks]
     defs = list(dict.fromkeys(r["defense"] for r in rows))
@@ -481,7 +479,7 @@ def write_outputs(cfg: DefenseTableConfig, rows: list[dict[str, Any]], extra: di
         lines += ["", f"similarity_noise threshold calibrated to {extra['similarity_threshold']:.4f} "
                       f"(quantile {cfg.calibration.quantile} over {cfg.calibration.n} images of `{cfg.calibration.data}`)."]
     lines += ["", f"Total wall time {extra['seconds']:.0f} s.", ""]
-    (out / "defense_table.md").write_text("\n".join(lines))
+    atomic_write_text(out / "defense_table.md", "\n".join(lines))
     _plot(rows, extra, out / "utility_vs_stolen.png")
 
 
@@ -617,7 +615,7 @@ def run_seeds(cfg: DefenseTableConfig, acc: Any) -> list[dict[str, Any]]:
     per_seed: dict[int, list[dict[str, Any]]] = {}
     for s in cfg.seeds:
         per_seed[s] = [{**r, "seed": s} for r in run_table(dataclasses.replace(cfg, seed=s, seeds=[], name=f"{cfg.name}/seed{s}"), acc)]
-    (cfg.run_dir / "defense_table_seeds.md").write_text(defense_seed_table(per_seed, title=f"Defense x attack table ({cfg.name})"))
+    atomic_write_text(cfg.run_dir / "defense_table_seeds.md", defense_seed_table(per_seed, title=f"Defense x attack table ({cfg.name})"))
     return [r for rows in per_seed.values() for r in rows]
 
 

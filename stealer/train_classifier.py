@@ -26,6 +26,7 @@ from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Fraction, Momentu
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
+from victims.atomic import atomic_write_json
 from victims.classifier import build_classifier, save_classifier
 
 __all__ = ["ClassifierModelConfig", "ClassifierTrainConfig", "train_classifier", "evaluate_classifier"]
@@ -151,6 +152,6 @@ def train_classifier(cfg: ClassifierTrainConfig, accelerator: Any) -> Path:
                                                 device=acc.device)
             extra["test"]["data"] = cfg.test_data
         save_classifier(raw, path, extra=extra)
-        (run / "result.json").write_text(json.dumps(extra, indent=2) + "\n")
+        atomic_write_json(run / "result.json", extra, indent=2)
     acc.wait_for_everyone()
     return path
