@@ -221,5 +221,7 @@ def test_two_cpu_processes_victim_pretraining_and_sync_bn_on_cpu(tmp_path):
                                "train.sync_bn=true"], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     errors = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error:")]
     assert p.returncode != 0 and errors and "train.sync_bn needs GPUs" in errors[0] and "train.sync_bn=false" in errors[0]
-    assert QueryLedger(tmp_path / "s" / "victim_state" / "ledger.sqlite").spent("attacker") == 64
-    assert ResponseCache(tmp_path / "s" / "cache").num_cached() == 64  # paid and kept: a rerun trains on them
+    # the preflight refuses it before the query phase pays: nothing charged, nothing cached
+    ledger = tmp_path / "s" / "victim_state" / "ledger.sqlite"
+    assert not ledger.exists() or QueryLedger(ledger).spent("attacker") == 0
+    assert not (tmp_path / "s" / "cache").exists() or ResponseCache(tmp_path / "s" / "cache").num_cached() == 0
