@@ -334,3 +334,34 @@ def test_data_free_preempted_resumes_bitwise_and_buys_nothing_twice(tmp_path, mo
         data_free(t, PosteriorCache(tmp_path / "cache", meta), ckpt_dir=tmp_path / "run" / "ckpt",
                   **{**kw, "cfg": AttackConfig(**{**cfg.__dict__, "lr_clone": 0.2})})
     assert "\n" not in str(e.value)
+
+
+ONLINE_CLONE_SCRIPT = r'''
+import sys, torch
+from stealer.classifier import AttackConfig, CloneConfig, build_clone, knockoff_adaptive, load_pool
+imgs, labels, _ = load_pool([sys.argv[1]], channels=1, image_size=16)
+assert imgs.stride() == (256, 256, 16, 1), imgs.stride()
+class Fake:
+    def describe(self): return {}
+    def query(self, x, user): return torch.softmax(torch.randn(len(x), 10, generator=torch.Generator().manual_seed(len(x))), 1)
+class NoCache:
+    spent = received = 0
+    def fetch(self, t, x, user, labels=None): return t.query(x, user)
+torch.manual_seed(0)
+out = knockoff_adaptive(Fake(), NoCache(), imgs, labels, budget=48, user="u", clone=build_clone(CloneConfig(width=4), 10, 1, 16),
+                        cfg=AttackConfig(name="knockoff_adaptive", step_images=8), seed=0)
+print("steps", sum(out["action_counts"]))
+'''
+
+
+def test_online_clone_on_a_single_channel_pool_does_not_corrupt_the_heap(tmp_path):
+    """The 'corrupted double-linked list' abort of the two-process test: the stream's [N, 1, S, S] images have
+    strides (S*S, 1, S, 1); oneDNN's convolution backward on them corrupted the heap at OMP_NUM_THREADS=1
+    (torch 2.14.1). load_pool now returns standard strides; before, this script aborted (SIGABRT) in its 3rd step."""
+    from stealer.shards import build_default_data
+
+    build_default_data(tmp_path / "data", seed=0, image_size=16, sizes={"animal_mnist": {"query": 160}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", ONLINE_CLONE_SCRIPT, str(tmp_path / "data" / "animal_mnist" / "query")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "steps 48" in p.stdout, (p.returncode, p.stderr[-2000:])

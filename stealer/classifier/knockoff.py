@@ -58,7 +58,10 @@ def load_pool(paths: Sequence[str], *, channels: int, image_size: int) -> tuple[
     for u in uniq.tolist():
         si, c = divmod(u, 10_000)
         names.append(f"{Path(paths[si]).name}:{classes[si][c] if c < len(classes[si]) else c}")
-    return torch.cat(imgs), inv, names
+    # standard strides: the stream's single-channel images come out [N, 1, S, S] with strides (S*S, 1, S, 1),
+    # "contiguous" and "channels_last" at once; oneDNN's CPU convolution backward on such a batch corrupted the
+    # heap at OMP_NUM_THREADS=1 (torch 2.14.1: "corrupted double-linked list" in knockoff_adaptive's online clone)
+    return torch.cat(imgs).clone(memory_format=torch.contiguous_format), inv, names
 
 
 # ------------------------------------------------------------------------- Knockoff: random
