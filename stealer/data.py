@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stealer.decode import decode_image  # re-exported: stealer.data.decode_image is public
+from stealer.decode import decode_image, standard_strides  # decode_image re-exported: stealer.data.decode_image is public
 
 __all__ = ["ShardSet", "open_shards", "epoch_batches", "ShardStream", "decode_image", "load_npy", "ViewDecode",
            "view_decoder"]
@@ -460,7 +460,7 @@ def _collate(samples: list[dict | None], index: int, channels: int, size: int | 
         "key": keys,
         "label": torch.tensor(labels, dtype=torch.long),
         "corrupt": corrupt,
-        "image": (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images and decode
+        "image": (standard_strides(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)) if images and decode
                   else torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8)),
     }
     if keep_bytes:

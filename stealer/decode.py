@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 
 __all__ = ["decode_image"]
 
@@ -35,3 +36,13 @@ def decode_image(data: bytes, channels: int, size: int | None) -> np.ndarray:
             im = im.crop((left, top, left + size, top + size))
         arr = np.asarray(im)
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def standard_strides(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with row-major strides. ``.contiguous()`` is not enough: a single-channel ``[N, 1, S, S]``
+    permuted from HWC has strides ``(S*S, 1, S, 1)``, "contiguous" and "channels_last" at once, and
+    oneDNN's CPU convolution backward on such a batch corrupted the heap (torch 2.14.1,
+    OMP_NUM_THREADS=1: "corrupted double-linked list"; tests/test_classifier_attacks.py)."""
+    if x.stride() == torch.empty(x.shape, dtype=x.dtype, device="meta").stride():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)

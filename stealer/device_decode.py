@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stealer.decode import decode_image  # not stealer.data: data imports this module, never the reverse
+from stealer.decode import decode_image, standard_strides  # not stealer.data: data imports this module, never the reverse
 
 __all__ = ["decode_batch", "decode_batch_on_device", "resize_center_crop"]
 
@@ -91,9 +91,8 @@ def decode_batch(raw: list[tuple[str, bytes]], channels: int, size: int | None,
     kept = [resize_center_crop(t, size) for t in out if t is not None]
     if not kept:
         return torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8, device=device), ok
-    # stacked as the CPU path stacks (HWC images, then a channels-first view made contiguous), so the
-    # batch has the same strides -- with one channel, convolutions pick kernels by them
-    return torch.stack([t.permute(1, 2, 0) for t in kept]).permute(0, 3, 1, 2).contiguous(), ok
+    # row-major, as the CPU path's batches are (with one channel, convolutions pick kernels by the strides)
+    return standard_strides(torch.stack(kept)), ok
 
 
 def decode_batch_on_device(batch: dict[str, Any], channels: int, size: int | None,

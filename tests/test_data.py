@@ -222,3 +222,18 @@ def test_steal_with_device_decode_equals_the_cpu_path_on_native_size_pngs(tmp_pa
                                             "data.decode=cpu"])
     with pytest.raises(ValueError, match=r"other settings \{'decode': \('device', None\)\}"):
         run_query_phase(other, build_victim_api(other.victim, other.run_dir), acc)
+
+
+def test_stream_batches_have_row_major_strides(tmp_path):
+    """A single-channel batch permuted from HWC had strides (S*S, 1, S, 1): "contiguous" and "channels_last"
+    at once, which made oneDNN's CPU conv backward corrupt the heap (torch 2.14.1). Every decoded batch is
+    row-major now, 1 and 3 channels alike, with the same pixels."""
+    shards = _make_set(tmp_path / "s", n=20)
+    for channels in (1, 3):
+        s = ShardStream(shards, batch_size=8, rank=0, world=1, seed=5, workers=0, channels=channels, image_size=8,
+                        shuffle=False)
+        for b in s.iter_epoch(0):
+            img = b["image"]
+            n = img.shape[0]
+            assert img.shape == (n, channels, 8, 8)
+            assert img.stride() == (channels * 64, 64, 8, 1), img.stride()
