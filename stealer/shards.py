@@ -745,7 +745,12 @@ def _encode_image(job: tuple[str, str, str, int | None]) -> bytes | BaseExceptio
 
 def _map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, *, threads: bool) -> Iterator[Any]:
     """``fn`` over ``items`` in order: in this process (``workers`` <= 1), in a thread pool, or in a
-    process pool (``fork`` where the platform has it); results stream in input order."""
+    process pool; results stream in input order.
+
+    The process pool forks from a ``forkserver`` (with this module preloaded), never from the caller:
+    a plain ``fork`` of a process that runs other threads (torch's pools, a cache writer, a test
+    runner's) copies whatever locks those threads hold, and the workers hung on one of them
+    (seen: the ImageNet rehearsal test stuck in ``futex_wait`` for minutes inside a pytest session)."""
     if workers <= 1 or len(items) < 2:
         yield from map(fn, items)
         return
@@ -760,7 +765,11 @@ def _map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, *
         return
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:
+        ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as ppool:
         for start in range(0, len(items), block):
             yield from ppool.imap(fn, items[start:start + block], chunksize=chunk)
