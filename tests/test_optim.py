@@ -177,8 +177,13 @@ def test_fused_sgd_and_adamw_steps_match_the_plain_ones(tmp_path):
             sds[fused] = torch.load(cfg.run_dir / "student.pt", weights_only=True)["state_dict"]
             opt_state = torch.load(sorted((cfg.run_dir / "ckpt").glob("ckpt-*.pt"))[-1], weights_only=True)["optimizer"]
             assert all(bool(g.get("fused")) == (fused == "true") for g in opt_state["param_groups"])
-        assert all(torch.allclose(sds["false"][k].float(), sds["true"][k].float(), atol=1e-4, rtol=1e-3)
-                   for k in sds["false"])
+        # Adam's step is normalised by sqrt(v): where v is tiny, a rounding difference between the fused and
+        # the plain kernel moves an element by up to ~lr in one step (seen on 2 threads: 1.2e-3 after 2 epochs
+        # at lr 0.05), so AdamW is held to 5 % of one step's size; SGD to 1e-4
+        atol = 1e-4 if optimizer == "sgd" else 0.05 * 0.05
+        worst = max(((sds["false"][k].float() - sds["true"][k].float()).abs().max().item(), k) for k in sds["false"])
+        assert all(torch.allclose(sds["false"][k].float(), sds["true"][k].float(), atol=atol, rtol=1e-3)
+                   for k in sds["false"]), (optimizer, worst)
     with pytest.raises(ConfigError, match="train.fused=true needs train.optimizer in sgd, adamw \\(got lars\\)"):
         load_config(StealConfig, None, base + ["train.fused=true"])
     with pytest.raises(ConfigError, match="train.fused='yes please' is not valid; choose one of: auto, true, false"):

@@ -128,7 +128,7 @@ def assets(tmp_path_factory):
     build_default_data(root / "data", image_size=16, sizes=SIZES)
     cfg = load_config(VictimTrainConfig, None, [
         f"out_dir={root}", "name=victim", f"train_data={root}/data/animal_mnist/victim_train", "image_size=16",
-        "model.width=8", "model.dim=32", "model.pred_dim=16", "epochs=1", "batch_size=64", "ckpt_every=0"])
+        "model.width=8", "model.dim=32", "model.pred_dim=16", "epochs=1", "batch_size=64", "ckpt_every=1000"])
     victim = train_simsiam_victim(cfg, make_accelerator(cpu=True))
     return root, victim
 

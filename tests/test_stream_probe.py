@@ -182,8 +182,14 @@ def _two_proc_worker(rank: int, port: int, root: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # a forked worker inherits accelerate's process-wide singletons: if an earlier test in this pytest
+    # process built a 1-process Accelerator, the worker would see world 1 and never split the work
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2, acc.num_processes
     out = _pipeline(Path(root), "two", acc)
     if rank == 0:
         torch.save(out, Path(root) / "two.pt")
