@@ -88,6 +88,17 @@ def _check_stored(user: str, receipt: str, n: int, fingerprint: str, got: tuple[
                          f"fingerprint {str(stored_fp)[:12]}); use a new key for a new request")
 
 
+def _debit(con: sqlite3.Connection, user: str, budget: int | None, spent: int, n: int) -> None:
+    """Inside an open write transaction: refuse ``n`` more images over ``budget``, else record them."""
+    if budget is not None and spent + n > budget:
+        raise BudgetExceeded(user, budget, spent, n)
+    con.execute(
+        "INSERT INTO users (user, budget, spent) VALUES (?, ?, ?) "
+        "ON CONFLICT(user) DO UPDATE SET spent = excluded.spent",
+        (user, budget, spent + n),
+    )
+
+
 class QueryLedger:
     """Query counts and budgets per user in an SQLite file.
 
@@ -201,13 +212,7 @@ class QueryLedger:
                                              f"not {n}; use a new receipt for a new request")
                         con.execute("ROLLBACK")
                         return spent
-                if budget is not None and spent + n > budget:
-                    raise BudgetExceeded(user, budget, spent, n)
-                con.execute(
-                    "INSERT INTO users (user, budget, spent) VALUES (?, ?, ?) "
-                    "ON CONFLICT(user) DO UPDATE SET spent = excluded.spent",
-                    (user, budget, spent + n),
-                )
+                _debit(con, user, budget, spent, n)
                 if receipt is not None:
                     con.execute("INSERT INTO receipts (user, receipt, images, created) VALUES (?, ?, ?, ?)",
                                 (user, receipt, n, time.time()))
@@ -255,13 +260,7 @@ class QueryLedger:
                     return bytes(got[2])
                 row = con.execute("SELECT budget, spent FROM users WHERE user = ?", (user,)).fetchone()
                 budget, spent = (self.default_budget, 0) if row is None else row
-                if budget is not None and spent + n > budget:
-                    raise BudgetExceeded(user, budget, spent, n)
-                con.execute(
-                    "INSERT INTO users (user, budget, spent) VALUES (?, ?, ?) "
-                    "ON CONFLICT(user) DO UPDATE SET spent = excluded.spent",
-                    (user, budget, spent + n),
-                )
+                _debit(con, user, budget, spent, n)
                 con.execute("INSERT INTO receipts (user, receipt, images, created, fingerprint, answer) "
                             "VALUES (?, ?, ?, ?, ?, ?)", (user, receipt, n, time.time(), fingerprint, answer))
                 con.execute("COMMIT")
