@@ -27,6 +27,18 @@ __all__ = ["knn_classify", "knn_predict"]
 
 
 @torch.no_grad()
+def vote_counts(votes: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions (first max: lowest class) and ``[top-1 hits, top-5 hits, rows]`` of ``votes`` ``[N, C]``;
+    top-5 hits stay 0 with fewer than 5 classes."""
+    pred = votes.argmax(1) if len(y) else torch.empty(0, dtype=torch.long, device=votes.device)
+    counts = torch.zeros(3, dtype=torch.long, device=votes.device)
+    counts[0] = (pred == y).sum()
+    if num_classes >= 5 and len(y):
+        counts[1] = (votes.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+    counts[2] = len(y)
+    return pred, counts
+
+
 def _topk_neighbours(query: torch.Tensor, bank: torch.Tensor, k: int, train_chunk: int | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest ``query @ bank.T`` per row: (similarities, bank indices), best first."""
@@ -124,13 +136,8 @@ def knn_classify(
 
     votes = knn_predict(bank, labels, q, num_classes=num_classes, k=k, temperature=temperature, weighted=weighted,
                         test_chunk=test_chunk, train_chunk=train_chunk)
-    pred = votes.argmax(1) if len(y) else torch.empty(0, dtype=torch.long, device=dev)  # first max: lowest class
+    pred, counts = vote_counts(votes, y, num_classes)
     top5_ok = num_classes >= 5
-    counts = torch.zeros(3, dtype=torch.long, device=dev)
-    counts[0] = (pred == y).sum()
-    if top5_ok and len(y):
-        counts[1] = (votes.topk(5, dim=1).indices == y[:, None]).any(1).sum()
-    counts[2] = len(y)
     if world > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     c1, c5, n = (int(v) for v in counts.cpu().tolist())

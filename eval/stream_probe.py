@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.feature_shards import FeatureShards
+from eval.knn import vote_counts
 
 __all__ = ["StreamSettings", "feature_stats", "global_batches", "train_linear", "evaluate_linear", "knn_stream",
            "lincls_protocol", "build_optimizer", "Solo"]
@@ -351,13 +352,8 @@ def knn_stream(train: FeatureShards, test: FeatureShards, *, k: int = 20, temper
     w = (best_s / temperature).exp() if weighted else torch.ones_like(best_s)
     votes = torch.zeros(len(y), num_classes, dtype=torch.float32, device=dev)
     votes.scatter_add_(1, best_l, w.float())
-    pred = votes.argmax(1) if len(y) else torch.empty(0, dtype=torch.long, device=dev)
+    pred, counts = vote_counts(votes, y, num_classes)
     top5_ok = num_classes >= 5
-    counts = torch.zeros(3, dtype=torch.long, device=dev)
-    counts[0] = (pred == y).sum()
-    if top5_ok and len(y):
-        counts[1] = (votes.topk(5, dim=1).indices == y[:, None]).any(1).sum()
-    counts[2] = len(y)
     counts = _all_reduce(counts, world)
     c1, c5, n = (int(v) for v in counts.cpu().tolist())
     out: dict[str, Any] = {"top1": c1 / n if n else float("nan"), "top5": c5 / n if (n and top5_ok) else float("nan"),
