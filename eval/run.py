@@ -14,8 +14,8 @@ from eval.knn import knn_classify
 from eval.metrics import fidelity, prediction_agreement, rank_correlation
 from eval.probe import linear_probe
 from eval.stream_run import MODES, probe_streamed
-from stealer.config import (Channels, ConfigError, Momentum, NonNegFloat, NonNegInt, OneOf, PositiveFloat, PositiveInt,
-                            check_victim_preprocess, choice)
+from stealer.config import (Channels, ConfigError, JobHeader, Momentum, NonNegFloat, NonNegInt, OneOf, PositiveFloat,
+                            PositiveInt, check_victim_preprocess, choice, own_default)
 from stealer.jsonsafe import dumps as json_dumps
 from stealer.student import StolenEncoder, load_student
 
@@ -23,11 +23,11 @@ __all__ = ["ProbeConfig", "run_probe", "parse_set"]
 
 
 @dataclass
-class ProbeConfig:
-    name: str = "probe"
-    out_dir: str = "runs"
-    seed: NonNegInt = 0
-    cpu: bool = False
+class ProbeConfig(JobHeader):
+    """The probe job: the shared header (``name``, ``out_dir``, ``seed``, ``cpu``: :class:`stealer.config.JobHeader`),
+    the encoders, the sets and the probe's settings."""
+
+    name: str = own_default("name", "probe")
     victim: str = "runs/demo/victim/checkpoint.pth.tar"  # '' = no victim row
     victim_representation: Annotated[str, OneOf("backbone", "projector")] = "backbone"
     # how the victim reads images (as victim.preprocess of the steal config): auto (the checkpoint's own record, else
@@ -70,10 +70,6 @@ class ProbeConfig:
     shard_rows: PositiveInt = 8192  # rows per feature shard and per shuffle block (the memory bound)
     ckpt_every: PositiveInt = 100  # stream / lincls: head checkpoint every N steps (and on preemption)
     resume: str = "auto"  # stream / lincls: auto (continue a stopped head) | none
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
 
     def validate(self) -> None:
         choice("stolen_features", self.stolen_features, ["output", "backbone"])

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from launch.common import fail, make_accelerator, parse_job_args  # noqa: E402
-from stealer.config import ConfigError, NonNegInt, PositiveInt, load_config, save_config, to_dict  # noqa: E402
+from stealer.config import ConfigError, JobHeader, PositiveInt, load_config, own_default, save_config, to_dict  # noqa: E402
 
 __all__ = ["ClassifierSweepConfig", "row_overrides", "measure_latency", "run_sweep", "main"]
 
@@ -51,11 +51,12 @@ DEFAULT_DEFENSES: list[dict[str, Any]] = [
 
 
 @dataclass
-class ClassifierSweepConfig:
-    name: str = "classifier_sweep"
-    out_dir: str = "runs/demo"
-    seed: NonNegInt = 0
-    cpu: bool = False
+class ClassifierSweepConfig(JobHeader):
+    """The sweep: the shared header (``name``, ``out_dir``, ``seed``, ``cpu``: :class:`stealer.config.JobHeader`;
+    every row's steal inherits seed and cpu), the victim, the rows and the latency measurement."""
+
+    name: str = own_default("name", "classifier_sweep")
+    out_dir: str = own_default("out_dir", "runs/demo")
     victim_config: str = "launch/configs/demo_classifier.yaml"  # trains the victim if steal.victim.checkpoint is missing
     steal: Any = field(default_factory=dict)  # ClassifierStealConfig keys for every row (nested or dotted)
     # one entry per defense: {name, param (the budget swept: epsilon | beta | tau), values: [...], params: {...}}
@@ -65,10 +66,6 @@ class ClassifierSweepConfig:
     latency_autograd_images: PositiveInt = 16  # MAD's reference autograd Jacobian is slow: timed on fewer, reported per image
     latency_repeats: PositiveInt = 5
     reuse: bool = True  # reuse rows whose steal_classifier.json records the same config
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
 
     def validate(self) -> None:
         if not isinstance(self.steal, dict):

@@ -33,7 +33,7 @@ import yaml
 __all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice",
            "Range", "OneOf", "constraint_text", "check_value", "PositiveInt", "NonNegInt", "PositiveFloat", "NonNegFloat",
            "Fraction", "Momentum", "Channels", "MixedPrecision", "check_victim_preprocess", "setting", "field_help",
-           "JobHeader", "RunHeader", "ShardTrainHeader", "BackboneConfig", "HEADER_MAY_CHANGE"]
+           "JobHeader", "RunHeader", "ShardTrainHeader", "BackboneConfig", "HEADER_MAY_CHANGE", "own_default"]
 
 T = TypeVar("T")
 
@@ -157,9 +157,11 @@ class ShardTrainHeader(RunHeader):
 
 @dataclasses.dataclass
 class BackboneConfig:
-    """The backbone keys (``model.arch``/``width``/``stem``) of the victim trainers, checked against
-    ``victims.backbones`` at config time."""
+    """The backbone keys (``model.arch``/``width``/``stem``) of the victim trainers and the classifier
+    attack's clone, checked against ``victims.backbones`` at config time. ``SECTION`` is the section a
+    subclass sits under (``clone``), named in its errors."""
 
+    SECTION: typing.ClassVar[str] = "model"
     arch: str = setting("resnet18", "a victims.backbones name (resnet18, resnet50, ...) or timm:<model name>")
     width: PositiveInt = setting(32, "base width of the project's ResNets (64 is torchvision's); ResNets only")
     stem: str = setting("small", "small (3x3 conv, no max-pool: small images) or imagenet (7x7 + max-pool); ResNets only")
@@ -168,8 +170,22 @@ class BackboneConfig:
         from victims.backbones import BACKBONES, STEMS, TIMM_PREFIX
 
         if not self.arch.startswith(TIMM_PREFIX):
-            choice("model.arch", self.arch, list(BACKBONES) + [f"{TIMM_PREFIX}<model name>"])
-            choice("model.stem", self.stem, list(STEMS))
+            choice(f"{self.SECTION}.arch", self.arch, list(BACKBONES) + [f"{TIMM_PREFIX}<model name>"])
+            choice(f"{self.SECTION}.stem", self.stem, list(STEMS))
+
+
+def own_default(key: str, default: Any, piece: type = RunHeader) -> Any:
+    """A key of a shared config piece redeclared with one job's own default, its ``--help`` text kept the piece's::
+
+        class ProbeConfig(JobHeader):
+            name: str = own_default("name", "probe")
+
+    (a dataclass needs the annotation repeated; keep it the piece's, so the declared range stays one).
+    """
+    f = next((f for f in dataclasses.fields(piece) if f.name == key), None)
+    if f is None:
+        raise KeyError(f"{key!r} is no key of {piece.__name__}: {', '.join(f.name for f in dataclasses.fields(piece))}")
+    return setting(default, field_help(f))
 
 
 def _constraints(tp: Any) -> list[Any]:

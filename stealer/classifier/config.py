@@ -5,10 +5,10 @@ Sources of every default are in :mod:`stealer.classifier.knockoff` and :mod:`ste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from stealer.config import ConfigError, Momentum, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, choice
+from stealer.config import (BackboneConfig, ConfigError, JobHeader, Momentum, NonNegFloat, NonNegInt, PositiveFloat,
+                            PositiveInt, choice, own_default)
 
 __all__ = ["ATTACKS", "AttackConfig", "CloneConfig", "CloneTrainConfig", "CLONE_MAY_CHANGE", "DATA_FREE_MAY_CHANGE",
            "START_OVER", "VictimSection", "EvalSection", "ClassifierStealConfig"]
@@ -66,19 +66,11 @@ class AttackConfig:
 
 
 @dataclass
-class CloneConfig:
-    """The clone's architecture (a ``victims.backbones`` name + a linear head)."""
+class CloneConfig(BackboneConfig):
+    """The clone's architecture (the shared backbone keys under ``clone.``; a linear head is added)."""
 
-    arch: str = "resnet18"
-    width: PositiveInt = 16
-    stem: str = "small"
-
-    def validate(self) -> None:
-        from victims.backbones import BACKBONES, STEMS
-
-        if not self.arch.startswith("timm:"):
-            choice("clone.arch", self.arch, list(BACKBONES) + ["timm:<model name>"])
-            choice("clone.stem", self.stem, list(STEMS))
+    SECTION: ClassVar[str] = "clone"
+    width: PositiveInt = own_default("width", 16, BackboneConfig)
 
 
 @dataclass
@@ -136,11 +128,11 @@ class EvalSection:
 
 
 @dataclass
-class ClassifierStealConfig:
-    name: str = "steal_classifier"
-    out_dir: str = "runs"
-    seed: NonNegInt = 0
-    cpu: bool = False
+class ClassifierStealConfig(JobHeader):
+    """The whole job: the shared header (``name``, ``out_dir``, ``seed``, ``cpu``: :class:`stealer.config.JobHeader`)
+    and the attack's sections."""
+
+    name: str = own_default("name", "steal_classifier")
     phases: list[str] = field(default_factory=lambda: ["query", "train", "eval"])
     budget: PositiveInt = 1000  # images the victim may see for this attack (finite-difference probes included)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -149,10 +141,6 @@ class ClassifierStealConfig:
     clone: CloneConfig = field(default_factory=CloneConfig)
     train: CloneTrainConfig = field(default_factory=CloneTrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
 
     def validate(self) -> None:
         for p in self.phases:
