@@ -32,6 +32,22 @@ to the nearest selected image: lower is broader coverage). Samples keep their ke
 encoded bytes (nothing is re-encoded), in selection order: for ``coverage`` that is the
 farthest-point order, so any prefix is itself a coverage-controlled subset.
 
+Scale (ImageNet: 1.28 M images, 100k-250k queries). :func:`select_queries` never holds the pool's
+images, nor the chosen ones: pass 1 (:func:`scan_pool`) streams every shard through the reader the
+stream uses, decodes each image once (a sample the stream would skip -- undecodable, a damaged tail --
+is skipped and numbered the same way) and keeps its label (8 bytes an image) and, when asked, its
+features in a temporary float32 file; pass 2 (:func:`copy_samples`) finds where each chosen sample lives,
+from the 512-byte tar headers alone for a plain local tar (a remote, compressed or damaged shard is
+read again and its chosen samples copied to a temporary spill file), and the new set is written in
+selection order by reading each chosen image from there. Computed features are held as float64 up to
+``feature_budget`` bytes (default 128 MiB, e.g. 65k rows of 16 x 16 grey pixels, 21k of RGB): a pool
+within it is selected exactly as before; a larger one is selected on a seeded uniform subsample of that
+many rows (``numpy.random.default_rng([seed, 11])``) -- k-means, the candidate ranking and farthest-point
+sampling all on the subsample, and ``coverage_radius`` / ``mean_nn_distance`` measured over it -- recorded
+as ``"approximation": {"subsample", "pool", "feature_budget"}`` in the selection block. Farthest-point
+sampling costs ``n x m x D`` operations, so the budget bounds its time as well as its memory.
+:func:`read_pool` still returns a whole (small) pool in memory, for callers that want the images.
+
 ``photo_patches`` is a second query *source* for the default data: grey 32 x 32 crops of the two
 photographs that ship inside scikit-learn (``sklearn.datasets.load_sample_images``: china.jpg and
 flower.jpg), a natural-image domain unlike the victim's animal silhouettes -- the "another
@@ -43,21 +59,27 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from stealer.shards import MANIFEST_NAME, array_samples, read_manifest, write_manifest, write_shards
 
 __all__ = ["STRATEGIES", "FEATURES", "select_queries", "select_indices", "pool_features", "coverage_order",
-           "class_balanced_order", "coverage_stats", "photo_patches", "write_photo_patches", "read_pool"]
+           "class_balanced_order", "coverage_stats", "photo_patches", "write_photo_patches", "read_pool", "scan_pool",
+           "PoolScan", "copy_samples"]
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "class_balanced", "coverage")
 FEATURES = ("pixels", "random_encoder")
 PHOTO_CLASSES = ["china", "flower"]
+FEATURE_BUDGET = 128 << 20  # bytes of float64 features held at once (select_queries feature_budget)
 
 
 # --------------------------------------------------------------------------- the pool
@@ -86,26 +108,327 @@ def read_pool(shard_dir: str | os.PathLike) -> dict[str, Any]:
             "images": torch.cat(images) if images else torch.empty(0), "manifest": m, "root": shards.root}
 
 
-def pool_features(images: Any, kind: str = "pixels", seed: int = 0, batch_size: int = 256) -> np.ndarray:
-    """Features the attacker owns for uint8 images ``[N, C, H, W]``: ``pixels`` or ``random_encoder``."""
-    import torch
-    import torch.nn.functional as F
+@dataclass
+class PoolScan:
+    """What one streamed pass over a pool keeps: O(8 bytes) per image, never the images.
 
-    if kind not in FEATURES:
-        raise ValueError(f"features={kind!r} is not valid; choose one of: {', '.join(FEATURES)} (or pass an [N, D] array)")
-    x = images.float().div(255.0)
-    if kind == "pixels":
-        side = min(16, x.shape[-1], x.shape[-2])
-        return F.adaptive_avg_pool2d(x, side).flatten(1).numpy().astype(np.float64)
+    ``labels`` holds the class of every *readable* sample (pool order, ``-1`` when unlabelled): a
+    sample's index in the pool is its position among the readable ones, as :func:`read_pool` numbers
+    them. ``readable[i]`` counts shard ``i``'s readable samples and ``unreadable[i]`` lists the raw
+    positions the reader skipped in it (corrupt images, a truncated tail), so a second pass can number
+    the samples again without decoding. When features were asked for, they are in ``feature_file``
+    (``float32`` rows of ``dim``, pool order; the features are float32 computations, so nothing is lost).
+    """
+
+    shards: Any  # stealer.data.ShardSet
+    labels: np.ndarray
+    readable: list[int]
+    unreadable: dict[int, list[int]]
+    feature_file: str | None = None
+    dim: int = 0
+
+    @property
+    def root(self) -> str:
+        return self.shards.root
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.shards.manifest
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def feature_chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """The pool's features in order, ``rows`` at a time, as float64 ``[<=rows, dim]``."""
+        if self.feature_file is None:
+            raise ValueError("this scan computed no features")
+        rows = max(1, int(rows))
+        with open(self.feature_file, "rb") as f:
+            for _ in range(0, len(self), rows):
+                a = np.fromfile(f, dtype=np.float32, count=rows * self.dim)
+                yield a.reshape(-1, self.dim).astype(np.float64)
+
+    def feature_rows(self, rows: np.ndarray, max_bytes: int = 64 << 20) -> np.ndarray:
+        """Features of the pool rows ``rows`` (any order, no repeats needed), float64 ``[len(rows), dim]``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float64)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        chunk = max(1, int(max_bytes // (8 * max(self.dim, 1))))
+        for c, block in enumerate(self.feature_chunks(chunk)):
+            lo, hi = np.searchsorted(srt, [c * chunk, c * chunk + len(block)])
+            out[order[lo:hi]] = block[srt[lo:hi] - c * chunk]
+        return out
+
+
+def _raw_samples(shards: Any, i: int) -> Iterator[dict | None]:
+    """Raw samples (dicts of bytes, ``None`` for a damaged tail) of shard ``i``, as ``ShardStream`` reads them."""
+    from stealer.data import _iter_shard  # the reader every stream uses: same samples, same damage handling
+
+    return _iter_shard(shards.url(i), shards.counts[i])
+
+
+def _readable(s: dict | None, channels: int, size: int | None) -> tuple[str, np.ndarray | None] | None:
+    """``(ext, decoded image)`` when ``ShardStream`` would keep the sample (stealer.data._collate's test), else None."""
+    from stealer.data import IMAGE_EXTS, decode_image, load_npy
+
+    if s is None:
+        return None
+    ext = next((e for e in IMAGE_EXTS if e in s), None)
+    try:
+        if ext is None:
+            raise ValueError("no image field")
+        img = decode_image(s[ext], channels, size)
+        if "npy" in s:
+            load_npy(s["npy"])
+    except Exception as e:  # noqa: BLE001 - a corrupt sample is skipped and counted, as the stream does
+        log.warning("skipping corrupt sample %s (%s)", s.get("__key__"), e)
+        return None
+    return ext, img
+
+
+class _FeatureWriter:
+    """Features of decoded images, computed ``batch_size`` images at a time and appended to a float32 file
+    (the chunks :func:`pool_features` would cut out of the whole pool, so the values are the same)."""
+
+    def __init__(self, kind: str, seed: int, path: str, batch_size: int = 256) -> None:
+        if kind not in FEATURES:
+            raise ValueError(f"features={kind!r} is not valid; choose one of: {', '.join(FEATURES)} (or pass an [N, D] array)")
+        self.kind, self.seed, self.path, self.batch_size = kind, seed, path, batch_size
+        self.buf: list[np.ndarray] = []
+        self.net: Any = None
+        self.dim = 0
+        self.f = open(path, "wb")
+
+    def add(self, img: np.ndarray) -> None:
+        self.buf.append(img)
+        if len(self.buf) == self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        import torch
+
+        from stealer.decode import standard_strides
+
+        if not self.buf:
+            return
+        if len({b.shape for b in self.buf}) > 1:
+            raise ValueError(f"features={self.kind} needs images of one size, but this pool's images differ "
+                             f"({sorted({b.shape[:2] for b in self.buf})[:2]} ...) and its manifest has no image_size; "
+                             "re-shard with an image size (launch/make_shards.py) or pass an [N, D] features array")
+        x = standard_strides(torch.from_numpy(np.stack(self.buf)).permute(0, 3, 1, 2))
+        self.buf = []
+        if self.kind == "random_encoder" and self.net is None:
+            self.net = _random_encoder(x, self.seed)
+        f = _features(x, self.kind, self.net)
+        self.dim = f.shape[1]
+        self.f.write(np.ascontiguousarray(f, dtype=np.float32).tobytes())
+
+    def close(self) -> None:
+        self.flush()
+        self.f.close()
+
+
+def scan_pool(shard_dir: str | os.PathLike, features: str | None = None, seed: int = 0,
+              feature_file: str | os.PathLike | None = None) -> PoolScan:
+    """One streamed pass over a pool: labels of its readable samples, and their ``features`` if asked
+    (``pixels`` | ``random_encoder``, written to ``feature_file``). Memory: 8 bytes an image (+ one batch)."""
+    from array import array
+
+    from stealer.data import open_shards
+
+    shards = open_shards(shard_dir)
+    m = shards.manifest
+    channels, size = int(m.get("channels") or 3), (m.get("image_size") or [None])[0]
+    if features is not None and feature_file is None:
+        raise ValueError("scan_pool: features need a feature_file to write them to")
+    fw = _FeatureWriter(features, seed, os.fspath(feature_file)) if features is not None else None
+    labels = array("q")
+    readable: list[int] = []
+    unreadable: dict[int, list[int]] = {}
+    try:
+        for i in range(len(shards.names)):
+            kept = 0
+            for j, s in enumerate(_raw_samples(shards, i)):
+                got = _readable(s, channels, size)
+                if got is None:
+                    unreadable.setdefault(i, []).append(j)
+                    continue
+                kept += 1
+                labels.append(int(s["cls"]) if "cls" in s else -1)  # type: ignore[index]
+                if fw is not None:
+                    fw.add(got[1])  # type: ignore[arg-type]
+            readable.append(kept)
+    finally:
+        if fw is not None:
+            fw.close()
+    if not len(labels):
+        raise ValueError(f"shard folder {shards.root} holds no readable images; rebuild it with launch/make_shards.py")
+    return PoolScan(shards, np.frombuffer(labels, dtype=np.int64).copy(), readable, unreadable,
+                    None if fw is None else os.fspath(feature_file), 0 if fw is None else fw.dim)  # type: ignore[arg-type]
+
+
+def _located_samples(url: str, count: int) -> Iterator[dict] | None:
+    """The samples of a plain local tar as ``_iter_shard`` groups them, with ``(offset, size)`` of each member
+    instead of its bytes (read from the 512-byte headers alone); ``None`` for any other shard."""
+    from webdataset.tariterators import group_by_keys
+
+    from stealer.data import _TAR_META, _local_tar_members
+
+    members = None if "://" in url or url.startswith("pipe:") else _local_tar_members(url)
+    if members is None:
+        return None
+    files: list[dict] = [{"fname": name, "data": (start, size), "__url__": url} for name, start, size in members
+                         if not ("/" not in name and name.startswith("__") and name.endswith("__") or _TAR_META.match(name))]
+
+    def it() -> Iterator[dict]:
+        for n, s in enumerate(group_by_keys(files + [{}])):  # the reader's rule (_read_local_tar + _iter_shard)
+            if n >= count:
+                break
+            yield s
+
+    return it()
+
+
+class _Reader:
+    """Reads ``(file, offset, size)`` byte ranges, keeping at most ``keep`` files open."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self.open: dict[str, Any] = {}
+        self.keep = keep
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        f = self.open.pop(path, None) or open(path, "rb")
+        self.open[path] = f  # most recent last
+        while len(self.open) > self.keep:
+            self.open.pop(next(iter(self.open))).close()
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{path} changed while selecting: {size} bytes expected at {offset}, {len(data)} read")
+        return data
+
+    def close(self) -> None:
+        for f in self.open.values():
+            f.close()
+        self.open = {}
+
+
+def copy_samples(scan: PoolScan, idx: np.ndarray, out_dir: str | os.PathLike, spill: str | os.PathLike, *,
+                 samples_per_shard: int = 1000, source: str, classes: list[str]) -> dict[str, Any]:
+    """Write the pool samples ``idx`` (readable indices, in this order) as a shard set in ``out_dir``.
+
+    A second pass numbers the readable samples again without decoding (``scan.unreadable``) and finds
+    where each chosen one lives: in a plain local tar, its ``(offset, size)`` from the tar headers alone
+    (no image bytes read); in any other shard (remote, compressed, damaged), its bytes are copied to the
+    ``spill`` file as the pass goes. The set is then written in ``idx`` order reading each image from
+    there, so memory holds a key and a location per chosen sample, never the images.
+    """
+    from stealer.data import IMAGE_EXTS
+    from stealer.shards import write_shards
+
+    shards, labels = scan.shards, scan.labels
+    idx = np.asarray(idx, dtype=np.int64)
+    n = len(idx)
+    order = np.argsort(idx, kind="stable")
+    srt = idx[order]
+    files: list[str] = []
+    file_of = np.full(n, -1, dtype=np.int32)
+    offset = np.zeros(n, dtype=np.int64)
+    nbytes = np.zeros(n, dtype=np.int64)
+    ext_of = np.zeros(n, dtype=np.uint8)
+    keys: list[str] = [""] * n
+    spill_path, spill_f, spill_id, spill_at = os.fspath(spill), None, -1, 0
+    base = 0
+    try:
+        for i, r in enumerate(scan.readable):
+            lo, hi = (int(v) for v in np.searchsorted(srt, [base, base + r]))
+            if lo == hi:
+                base += r
+                continue
+            skip = set(scan.unreadable.get(i, ()))
+            located = _located_samples(shards.url(i), shards.counts[i])
+            src = located if located is not None else _raw_samples(shards, i)
+            if located is not None:
+                files.append(shards.url(i))
+            g, p = base, lo
+            for j, s in enumerate(src):
+                if p == hi:
+                    break
+                if j in skip:
+                    continue
+                if g == srt[p]:
+                    assert s is not None
+                    ext = next(e for e in IMAGE_EXTS if e in s)
+                    at = int(order[p])
+                    keys[at], ext_of[at] = str(s["__key__"]), IMAGE_EXTS.index(ext)
+                    if located is not None:
+                        file_of[at] = len(files) - 1
+                        offset[at], nbytes[at] = s[ext]
+                    else:
+                        if spill_f is None:
+                            spill_f, spill_id = open(spill_path, "wb"), len(files)
+                            files.append(spill_path)
+                        data = bytes(s[ext])
+                        spill_f.write(data)
+                        file_of[at], offset[at], nbytes[at] = spill_id, spill_at, len(data)
+                        spill_at += len(data)
+                    p += 1
+                g += 1
+            if p != hi:
+                raise OSError(f"shard {shards.url(i)} changed while selecting: {hi - p} chosen samples not found again")
+            base += r
+        if spill_f is not None:
+            spill_f.close()
+            spill_f = None
+        reader = _Reader()
+        try:
+            samples = ((keys[k], reader.read(files[file_of[k]], int(offset[k]), int(nbytes[k])), IMAGE_EXTS[ext_of[k]],
+                        max(int(labels[idx[k]]), 0)) for k in range(n))
+            m = scan.manifest
+            return write_shards(samples, out_dir, samples_per_shard=samples_per_shard, source=source, classes=classes,
+                                channels=int(m.get("channels") or 3), image_size=m.get("image_size"))
+        finally:
+            reader.close()
+    finally:
+        if spill_f is not None:
+            spill_f.close()
+        if os.path.exists(spill_path):
+            os.unlink(spill_path)
+
+
+def _random_encoder(x: Any, seed: int) -> Any:
+    """The public random-init ResNet-18 (width 16) of ``victims.backbones``, seeded with ``seed``, for images like ``x``."""
+    import torch
+
     from victims.backbones import build_backbone
 
     torch.manual_seed(seed)
     stem = "small" if max(x.shape[-2:]) <= 64 else "imagenet"
     net, _ = build_backbone("resnet18", in_chans=x.shape[1], width=16, stem=stem)
-    net.eval()
+    return net.eval()
+
+
+def _features(images: Any, kind: str, net: Any = None, batch_size: int = 256) -> np.ndarray:
+    """``pixels`` or ``random_encoder`` (``net``) features of uint8 images ``[N, C, H, W]``, float64 ``[N, D]``."""
+    import torch
+    import torch.nn.functional as F
+
+    x = images.float().div(255.0)
+    if kind == "pixels":
+        side = min(16, x.shape[-1], x.shape[-2])
+        return F.adaptive_avg_pool2d(x, side).flatten(1).numpy().astype(np.float64)
     with torch.no_grad():
         f = torch.cat([net((x[i:i + batch_size] - 0.5) / 0.25) for i in range(0, len(x), batch_size)])
     return F.normalize(f, dim=1).numpy().astype(np.float64)
+
+
+def pool_features(images: Any, kind: str = "pixels", seed: int = 0, batch_size: int = 256) -> np.ndarray:
+    """Features the attacker owns for uint8 images ``[N, C, H, W]``: ``pixels`` or ``random_encoder``."""
+    if kind not in FEATURES:
+        raise ValueError(f"features={kind!r} is not valid; choose one of: {', '.join(FEATURES)} (or pass an [N, D] array)")
+    net = _random_encoder(images, seed) if kind == "random_encoder" else None
+    return _features(images, kind, net, batch_size)
 
 
 # --------------------------------------------------------------------------- the strategies
@@ -170,6 +493,18 @@ def coverage_order(feats: np.ndarray, n: int, *, centres: int = 3, spread: float
     return cand[np.asarray(picked, dtype=np.int64)]
 
 
+def _nn_distances(feats: np.ndarray, s: np.ndarray, max_bytes: int = 64 << 20) -> np.ndarray:
+    """Euclidean distance from each row of ``feats`` to its nearest row of ``s``, by chunked matrix products."""
+    s2 = (s * s).sum(1)
+    chunk = max(1, int(max_bytes // (8 * max(len(s), 1))))
+    nn = []
+    for i in range(0, len(feats), chunk):
+        a = feats[i:i + chunk]
+        d2 = (a * a).sum(1)[:, None] + s2[None, :] - 2.0 * (a @ s.T)
+        nn.append(np.sqrt(np.maximum(d2.min(1), 0.0)))
+    return np.concatenate(nn) if nn else np.zeros(0)
+
+
 def coverage_stats(feats: np.ndarray, selected: np.ndarray, max_bytes: int = 64 << 20) -> dict[str, float]:
     """Max and mean over the pool of the Euclidean distance to the nearest selected image.
 
@@ -178,15 +513,7 @@ def coverage_stats(feats: np.ndarray, selected: np.ndarray, max_bytes: int = 64 
     pool of 1,024 pixels against 3,000 selected images would be 50 GB).
     """
     feats = np.asarray(feats, dtype=np.float64)
-    s = feats[np.asarray(selected)]
-    s2 = (s * s).sum(1)
-    chunk = max(1, int(max_bytes // (8 * max(len(s), 1))))
-    nn = []
-    for i in range(0, len(feats), chunk):
-        a = feats[i:i + chunk]
-        d2 = (a * a).sum(1)[:, None] + s2[None, :] - 2.0 * (a @ s.T)
-        nn.append(np.sqrt(np.maximum(d2.min(1), 0.0)))
-    d = np.concatenate(nn) if nn else np.zeros(0)
+    d = _nn_distances(feats, feats[np.asarray(selected)], max_bytes)
     return {"coverage_radius": float(d.max()), "mean_nn_distance": float(d.mean())}
 
 
@@ -211,8 +538,12 @@ def select_indices(n: int, strategy: str, seed: int = 0, *, labels: np.ndarray |
 
 def select_queries(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int, strategy: str = "random",
                    seed: int = 0, features: str | np.ndarray | None = None, *, centres: int = 3, spread: float = 1.0,
-                   samples_per_shard: int = 1000, overwrite: bool = False) -> dict[str, Any]:
+                   samples_per_shard: int = 1000, overwrite: bool = False,
+                   feature_budget: int = FEATURE_BUDGET) -> dict[str, Any]:
     """Write the ``n`` images of ``shard_dir`` that ``strategy`` selects as a new shard folder ``out_dir``.
+
+    Streams the pool (module docstring, "Scale"): one pass for labels (and features), a second for
+    where the chosen images live; the images are never all in memory.
 
     Args:
         shard_dir: the pool (any ``sslsteal-shards/1`` folder with labels for ``class_balanced``).
@@ -221,6 +552,8 @@ def select_queries(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, n: 
         features: ``coverage`` (or stats for the others): ``pixels`` (default for coverage),
             ``random_encoder``, or an ``[N, D]`` array aligned with the pool's readable samples.
         centres, spread: the coverage knobs (module docstring). overwrite: replace ``out_dir``.
+        feature_budget: bytes of float64 features held at once (computed features only); a larger
+            pool is selected on a seeded subsample of that many rows (module docstring, "Scale").
 
     Returns:
         The new manifest, whose ``"selection"`` block records how it was made.
@@ -228,43 +561,74 @@ def select_queries(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, n: 
     out = Path(out_dir)
     if (out / MANIFEST_NAME).is_file() and not overwrite:
         raise FileExistsError(f"{out} already holds a shard set; choose another folder or pass overwrite")
-    pool = read_pool(shard_dir)
-    m, labels = pool["manifest"], pool["labels"]
+    if strategy not in STRATEGIES:  # before the pool is read
+        raise ValueError(f"strategy={strategy!r} is not valid; choose one of: {', '.join(STRATEGIES)}")
     if strategy == "coverage" and features is None:
         features = "pixels"
-    feats = None
-    if isinstance(features, str):
-        feats = pool_features(pool["images"], features, seed)
-    elif features is not None:
-        feats = np.asarray(features, dtype=np.float64)
-        if feats.ndim != 2 or feats.shape[0] != len(labels):
-            raise ValueError(f"features must be an [N, D] array with N = {len(labels)} (the pool), got {feats.shape}")
-    idx = select_indices(n, strategy, seed, labels=labels, feats=feats, centres=centres, spread=spread,
-                         classes=m.get("classes"), pool_size=len(labels))
-    classes = list(m.get("classes") or ["0"])
-    counts = np.bincount(labels[idx][labels[idx] >= 0], minlength=len(classes)) if len(classes) else np.zeros(0)
-    selection: dict[str, Any] = {
-        "strategy": strategy, "n": int(n), "seed": int(seed), "source": os.path.abspath(pool["root"]),
-        "source_samples": len(labels), "class_counts": {c: int(k) for c, k in zip(classes, counts)},
-        "features": features if isinstance(features, str) else ("array" if features is not None else None)}
-    if strategy == "coverage":
-        selection.update(centres=int(centres), spread=float(spread))
-    if feats is not None:
-        selection.update(coverage_stats(feats, idx))
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    if isinstance(features, str) and features not in FEATURES:
+        raise ValueError(f"features={features!r} is not valid; choose one of: {', '.join(FEATURES)} (or pass an [N, D] array)")
+    if int(feature_budget) < 1:
+        raise ValueError(f"feature_budget={feature_budget} is not valid; give bytes >= 1 (default {FEATURE_BUDGET})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.{os.getpid()}"
+    tmp, feature_file, spill = Path(f"{work}.tmp"), Path(f"{work}.features"), Path(f"{work}.spill")
     if tmp.exists():
         shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    samples = ((pool["keys"][i], pool["bytes"][i][1], pool["bytes"][i][0], max(int(labels[i]), 0)) for i in idx)
-    manifest = write_shards(samples, tmp, samples_per_shard=samples_per_shard,
-                            source=f"select_queries strategy={strategy} n={n} seed={seed} from {selection['source']}",
-                            classes=classes, channels=int(m.get("channels") or 3), image_size=m.get("image_size"))
-    manifest["selection"] = selection
-    write_manifest(tmp, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-    return manifest
+    try:
+        scan = scan_pool(shard_dir, features if isinstance(features, str) else None, seed, feature_file)
+        m, labels, big_n = scan.manifest, scan.labels, len(scan)
+        if not 1 <= n <= big_n:
+            raise ValueError(f"n={n} is not valid for a pool of {big_n} images; choose 1..{big_n}")
+        feats, rows, approx = None, None, None
+        if isinstance(features, str):
+            fit = max(1, int(feature_budget) // (8 * scan.dim))
+            rows = np.arange(big_n) if big_n <= fit else np.sort(
+                np.random.default_rng([seed, 11]).choice(big_n, fit, replace=False))
+            feats = scan.feature_rows(rows)
+            if len(rows) < big_n:
+                approx = {"subsample": len(rows), "pool": big_n, "feature_budget": int(feature_budget)}
+        elif features is not None:
+            feats = np.asarray(features, dtype=np.float64)
+            if feats.ndim != 2 or feats.shape[0] != big_n:
+                raise ValueError(f"features must be an [N, D] array with N = {big_n} (the pool), got {feats.shape}")
+        if strategy == "coverage" and approx is not None:
+            if n > len(rows):  # type: ignore[arg-type]
+                raise ValueError(f"coverage n={n} needs n candidate rows in memory but feature_budget={feature_budget} "
+                                 f"holds {len(rows)} rows of {scan.dim} features; raise feature_budget to at least "  # type: ignore[arg-type]
+                                 f"{8 * scan.dim * n} bytes or lower n")
+            idx = rows[coverage_order(feats, n, centres=centres, spread=spread, seed=seed)]  # type: ignore[index]
+        else:
+            idx = select_indices(n, strategy, seed, labels=labels, feats=feats if approx is None else None,
+                                 centres=centres, spread=spread, classes=m.get("classes"), pool_size=big_n)
+        classes = list(m.get("classes") or ["0"])
+        counts = np.bincount(labels[idx][labels[idx] >= 0], minlength=len(classes)) if len(classes) else np.zeros(0)
+        selection: dict[str, Any] = {
+            "strategy": strategy, "n": int(n), "seed": int(seed), "source": os.path.abspath(scan.root),
+            "source_samples": big_n, "class_counts": {c: int(k) for c, k in zip(classes, counts)},
+            "features": features if isinstance(features, str) else ("array" if features is not None else None)}
+        if strategy == "coverage":
+            selection.update(centres=int(centres), spread=float(spread))
+        if approx is not None:  # the stats too are over the subsample: what the pool-wide ones estimate
+            d = np.full(len(rows), np.inf)  # type: ignore[arg-type]
+            step = max(1, int(feature_budget) // (8 * scan.dim))
+            for i in range(0, len(idx), step):
+                d = np.minimum(d, _nn_distances(feats, scan.feature_rows(idx[i:i + step])))  # type: ignore[arg-type]
+            selection.update(coverage_radius=float(d.max()), mean_nn_distance=float(d.mean()), approximation=approx)
+        elif feats is not None:
+            selection.update(coverage_stats(feats, idx))
+        feats = None
+        manifest = copy_samples(scan, idx, tmp, spill, samples_per_shard=samples_per_shard, classes=classes,
+                                source=f"select_queries strategy={strategy} n={n} seed={seed} from {selection['source']}")
+        manifest["selection"] = selection
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+        return manifest
+    finally:
+        feature_file.unlink(missing_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- another query source
