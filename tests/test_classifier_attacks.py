@@ -18,7 +18,7 @@ import torch
 
 from stealer.classifier import (GradientBandit, PosteriorCache, RewardNormalizer, cost_per_iteration, kmeans,
                                         knockoff_adaptive, logits_from_posteriors, quantize, reward_certainty,
-                                        reward_diversity, reward_loss, soft_cross_entropy, zo_gradient, AttackConfig)
+                                        reward_diversity, reward_loss, soft_cross_entropy, zo_gradient, ClassifierAttackConfig)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"animal_mnist": {"victim_train": 100, "query": 160, "probe_train": 10, "probe_test": 60},
@@ -148,13 +148,13 @@ def test_knockoff_adaptive_stays_finite_on_one_hot_posteriors(tmp_path):
     torch.manual_seed(0)
     clone = build_classifier("resnet18", 3, 1, 8, width=4, stem="small")
     for actions in ("classes", "kmeans"):
-        cfg = AttackConfig(name="knockoff_adaptive", actions=actions, num_clusters=3, step_images=8, reward="all")
+        cfg = ClassifierAttackConfig(name="knockoff_adaptive", actions=actions, num_clusters=3, step_images=8, reward="all")
         out = knockoff_adaptive(t, cache, pool, labels, budget=40, user="u", cfg=cfg, clone=clone, seed=0)
         assert sum(out["action_counts"]) == 40 and math.isfinite(out["mean_reward"])
         assert np.isfinite(out["final_policy"]).all() and out["bandit_skipped"] == 0
     assert t.seen == cache.spent <= 80
     # the whole pool: class 0's last step holds one image (clone not stepped on it, no BN error)
-    cfg = AttackConfig(name="knockoff_adaptive", actions="classes", step_images=8, reward="all")
+    cfg = ClassifierAttackConfig(name="knockoff_adaptive", actions="classes", step_images=8, reward="all")
     out = knockoff_adaptive(t, PosteriorCache(tmp_path / "all", {"out_dim": 3}), pool, labels, budget=97, user="v",
                             cfg=cfg, clone=clone, seed=1)
     assert sum(out["action_counts"]) == 97 and math.isfinite(out["mean_reward"])
@@ -240,7 +240,7 @@ def test_bad_budgets_fail_in_one_line(tmp_path):
         knockoff_random(t, cache, torch.zeros(10, 1, 8, 8, dtype=torch.uint8), budget=20, user="u")
     acc = SimpleNamespace(process_index=0, num_processes=2)
     with pytest.raises(ValueError, match=r"budget=100 is below one dfme iteration \(896 images on 2 process"):
-        data_free(t, cache, kind="dfme", budget=100, user="u", cfg=AttackConfig(name="dfme"), clone_cfg=CloneConfig(),
+        data_free(t, cache, kind="dfme", budget=100, user="u", cfg=ClassifierAttackConfig(name="dfme"), clone_cfg=CloneConfig(),
                   num_classes=3, channels=1, image_size=8, accelerator=acc)
     assert t.seen == 0
 
@@ -300,7 +300,7 @@ def test_data_free_preempted_resumes_bitwise_and_buys_nothing_twice(tmp_path, mo
     from stealer.preempt import Preempted, Preemption
 
     acc = make_accelerator(cpu=True)
-    cfg = AttackConfig(name=kind, df_batch_size=4, gen_width=8, directions=2, clone_iters=2, replay_iters=2, nz=8)
+    cfg = ClassifierAttackConfig(name=kind, df_batch_size=4, gen_width=8, directions=2, clone_iters=2, replay_iters=2, nz=8)
     kw = dict(kind=kind, budget=6 * cost_per_iteration(kind, 4, 2, 1, 2), user="u", cfg=cfg, clone_cfg=CloneConfig(width=4),
               num_classes=3, channels=1, image_size=8, accelerator=acc, seed=0)
     meta = {"out_dim": 3}
@@ -332,13 +332,13 @@ def test_data_free_preempted_resumes_bitwise_and_buys_nothing_twice(tmp_path, mo
     assert all(torch.equal(ref.state_dict()[k], got.state_dict()[k]) for k in ref.state_dict())
     with pytest.raises(ValueError, match=r"attack\.lr_clone 0\.1 -> 0\.2") as e:
         data_free(t, PosteriorCache(tmp_path / "cache", meta), ckpt_dir=tmp_path / "run" / "ckpt",
-                  **{**kw, "cfg": AttackConfig(**{**cfg.__dict__, "lr_clone": 0.2})})
+                  **{**kw, "cfg": ClassifierAttackConfig(**{**cfg.__dict__, "lr_clone": 0.2})})
     assert "\n" not in str(e.value)
 
 
 ONLINE_CLONE_SCRIPT = r'''
 import sys, torch
-from stealer.classifier import AttackConfig, CloneConfig, build_clone, knockoff_adaptive, load_pool
+from stealer.classifier import ClassifierAttackConfig, CloneConfig, build_clone, knockoff_adaptive, load_pool
 imgs, labels, _ = load_pool([sys.argv[1]], channels=1, image_size=16)
 assert imgs.stride() == (256, 256, 16, 1), imgs.stride()
 class Fake:
@@ -349,7 +349,7 @@ class NoCache:
     def fetch(self, t, x, user, labels=None): return t.query(x, user)
 torch.manual_seed(0)
 out = knockoff_adaptive(Fake(), NoCache(), imgs, labels, budget=48, user="u", clone=build_clone(CloneConfig(width=4), 10, 1, 16),
-                        cfg=AttackConfig(name="knockoff_adaptive", step_images=8), seed=0)
+                        cfg=ClassifierAttackConfig(name="knockoff_adaptive", step_images=8), seed=0)
 print("steps", sum(out["action_counts"]))
 '''
 

@@ -210,7 +210,7 @@ def _runner(loop: str, root, victim, tmp):
                                                         "image_size=16", "model.width=4", "epochs=2", "batch_size=8",
                                                         "ckpt_every=100"])
         return lambda acc: torch.load(train_classifier(cfg, acc), weights_only=True)["state_dict"]
-    from stealer.classifier_attacks import (AttackConfig, CloneConfig, CloneTrainConfig, PosteriorCache, data_free,
+    from stealer.classifier_attacks import (ClassifierAttackConfig, CloneConfig, CloneTrainConfig, PosteriorCache, data_free,
                                             knockoff_random, train_clone)
     if loop == "knockoff":
         pool = torch.randint(0, 256, (48, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -221,7 +221,7 @@ def _runner(loop: str, root, victim, tmp):
                                        image_size=8, cfg=CloneTrainConfig(epochs=2, batch_size=8),
                                        ckpt_dir=tmp / "ckpt_clone")[0].state_dict()
     assert loop == "dfme"
-    a = AttackConfig(name="dfme", df_batch_size=4, gen_width=8, nz=8, clone_iters=1)
+    a = ClassifierAttackConfig(name="dfme", df_batch_size=4, gen_width=8, nz=8, clone_iters=1)
     return lambda acc: data_free(_Posteriors(), PosteriorCache(tmp / "pcache", {"out_dim": 3}), kind="dfme", budget=8 * 12,
                                  user="u", cfg=a, clone_cfg=CloneConfig(width=4), num_classes=3, channels=1, image_size=8,
                                  accelerator=acc, ckpt_dir=tmp / "ckpt_df")[0].state_dict()

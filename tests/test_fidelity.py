@@ -322,5 +322,5 @@ def test_docs_fidelity_has_a_row_per_registered_method() -> None:
     registered = set(LOSSES) | set(ENCODER_ATTACKS) | set(DEFENSES) | set(POSTERIOR_DEFENSES)
     assert registered <= rows, sorted(registered - rows)
     assert {"repeat_average", "coverage_control", "sybils"} <= rows
-    for name in classifier_attacks.ATTACKS:  # named in the classifier-attacks paragraph
+    for name in classifier_attacks.CLASSIFIER_ATTACKS:  # named in the classifier-attacks paragraph
         assert f"`{name}`" in doc, name

@@ -12,8 +12,8 @@ KL), :mod:`~stealer.classifier.knockoff` (Knockoff random and adaptive), :mod:`~
 """
 from stealer.classifier.cache import PosteriorCache, PosteriorTarget
 from stealer.classifier.clone import CLONE_AUGMENT, build_clone, train_clone
-from stealer.classifier.config import (ATTACKS, CLONE_MAY_CHANGE, DATA_FREE_MAY_CHANGE, AttackConfig, ClassifierStealConfig,
-                                       CloneConfig, CloneTrainConfig, EvalSection, VictimSection)
+from stealer.classifier.config import (CLASSIFIER_ATTACKS, CLONE_MAY_CHANGE, DATA_FREE_MAY_CHANGE, ClassifierAttackConfig,
+                                       ClassifierStealConfig, CloneConfig, CloneTrainConfig, EvalSection, VictimSection)
 from stealer.classifier.data_free import Generator, cost_per_iteration, data_free, zo_gradient
 from stealer.classifier.knockoff import (GradientBandit, RewardNormalizer, kmeans, knockoff_adaptive, knockoff_random,
                                          load_pool, reward_certainty, reward_diversity, reward_loss)
@@ -21,8 +21,9 @@ from stealer.classifier.losses import LOG_FLOOR, kl_posteriors, logits_from_post
 from stealer.classifier.run import build_defense_chain, build_posterior_api, load_images, run_steal, write_json
 
 __all__ = [
-    "PosteriorTarget", "AttackConfig", "CloneConfig", "CloneTrainConfig", "ClassifierStealConfig", "VictimSection",
-    "EvalSection", "ATTACKS", "CLONE_MAY_CHANGE", "DATA_FREE_MAY_CHANGE", "CLONE_AUGMENT", "LOG_FLOOR",
+    "PosteriorTarget", "ClassifierAttackConfig", "CloneConfig", "CloneTrainConfig", "ClassifierStealConfig",
+    "VictimSection", "EvalSection", "CLASSIFIER_ATTACKS", "CLONE_MAY_CHANGE", "DATA_FREE_MAY_CHANGE", "CLONE_AUGMENT",
+    "LOG_FLOOR",
     "PosteriorCache", "load_pool", "quantize", "soft_cross_entropy", "logits_from_posteriors", "kl_posteriors",
     "reward_certainty", "reward_diversity", "reward_loss", "RewardNormalizer", "GradientBandit", "kmeans",
     "Generator", "zo_gradient", "build_clone", "knockoff_random", "knockoff_adaptive", "data_free",

@@ -10,15 +10,16 @@ from typing import Any, ClassVar
 from stealer.config import (BackboneConfig, ConfigError, JobHeader, Momentum, NonNegFloat, NonNegInt, PositiveFloat,
                             PositiveInt, choice, own_default)
 
-__all__ = ["ATTACKS", "AttackConfig", "CloneConfig", "CloneTrainConfig", "CLONE_MAY_CHANGE", "DATA_FREE_MAY_CHANGE",
-           "START_OVER", "VictimSection", "EvalSection", "ClassifierStealConfig"]
+__all__ = ["CLASSIFIER_ATTACKS", "ClassifierAttackConfig", "CloneConfig", "CloneTrainConfig", "CLONE_MAY_CHANGE",
+           "DATA_FREE_MAY_CHANGE", "START_OVER", "VictimSection", "EvalSection", "ClassifierStealConfig"]
 
-ATTACKS = ("knockoff_random", "knockoff_adaptive", "dfme", "maze")
+CLASSIFIER_ATTACKS = ("knockoff_random", "knockoff_adaptive", "dfme", "maze")
 
 
 @dataclass
-class AttackConfig:
-    """The attack and its parameters (sources in the module docstring)."""
+class ClassifierAttackConfig:
+    """The classifier attack (``attack.name``, one of :data:`CLASSIFIER_ATTACKS`) and its parameters (sources in the
+    module docstring); the encoder attacks have :class:`stealer.attacks.EncoderAttackConfig`."""
 
     name: str = "knockoff_random"  # knockoff_random | knockoff_adaptive | dfme | maze
     # Knockoff: the attacker's transfer set (shard folders); add runs/demo/data/digits/probe_train for an OOD source
@@ -46,7 +47,7 @@ class AttackConfig:
     weight_decay: NonNegFloat = 5e-4
 
     def validate(self) -> None:
-        choice("attack.name", self.name, ATTACKS)
+        choice("attack.name", self.name, CLASSIFIER_ATTACKS)
         choice("attack.actions", self.actions, ["classes", "kmeans"])
         choice("attack.reward", self.reward, ["certainty", "diversity", "loss", "all"])
         for k in ("batch_size", "step_images", "df_batch_size", "gen_iters", "clone_iters", "num_clusters", "gen_width",
@@ -135,7 +136,7 @@ class ClassifierStealConfig(JobHeader):
     name: str = own_default("name", "steal_classifier")
     phases: list[str] = field(default_factory=lambda: ["query", "train", "eval"])
     budget: PositiveInt = 1000  # images the victim may see for this attack (finite-difference probes included)
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: ClassifierAttackConfig = field(default_factory=ClassifierAttackConfig)
     victim: VictimSection = field(default_factory=VictimSection)
     defenses: list[Any] = field(default_factory=list)  # the defender's chain, e.g. [{name: mad, epsilon: 0.5}]
     clone: CloneConfig = field(default_factory=CloneConfig)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from stealer.classifier.cache import PosteriorCache, PosteriorTarget
 from stealer.classifier.clone import build_clone
-from stealer.classifier.config import DATA_FREE_MAY_CHANGE, START_OVER, AttackConfig, CloneConfig
+from stealer.classifier.config import DATA_FREE_MAY_CHANGE, START_OVER, ClassifierAttackConfig, CloneConfig
 from stealer.classifier.losses import kl_posteriors, logits_from_posteriors, quantize
 from stealer.config import choice
 
@@ -109,7 +109,7 @@ def _cosine(total: int) -> Callable[[int], float]:
     return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))
 
 
-def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budget: int, user: str, cfg: AttackConfig,
+def data_free(target: PosteriorTarget, cache: PosteriorCache, *, kind: str, budget: int, user: str, cfg: ClassifierAttackConfig,
               clone_cfg: CloneConfig, num_classes: int, channels: int, image_size: int, accelerator: Any,
               seed: int = 0, log: Callable[[str], None] | None = None, ckpt_dir: str | os.PathLike | None = None,
               resume: str = "auto", ckpt_every: int = 0, resume_force: bool = False) -> tuple[nn.Module, dict[str, Any]]:

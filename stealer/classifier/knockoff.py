@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stealer.classifier.cache import PosteriorCache, PosteriorTarget
-from stealer.classifier.config import AttackConfig
+from stealer.classifier.config import ClassifierAttackConfig
 from stealer.classifier.losses import soft_cross_entropy
 from stealer.config import PositiveInt
 from stealer.data import ShardStream, open_shards
@@ -190,7 +190,7 @@ def kmeans(x: Tensor, k: int, *, iters: int = 25, seed: int = 0) -> Tensor:
 
 
 def knockoff_adaptive(target: PosteriorTarget, cache: PosteriorCache, pool: Tensor, labels: Tensor, *, budget: int,
-                      user: str, cfg: AttackConfig, clone: nn.Module, seed: int = 0) -> dict[str, Any]:
+                      user: str, cfg: ClassifierAttackConfig, clone: nn.Module, seed: int = 0) -> dict[str, Any]:
     """Knockoff's adaptive strategy on one process; ``clone`` is trained online (one SGD step per
     bandit step) to score the loss reward. Returns spend, action counts and guard counters."""
     rng = np.random.default_rng([seed, 13])
