@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.common import fail  # noqa: E402
-from stealer.query_select import FEATURES, STRATEGIES, select_queries, write_photo_patches  # noqa: E402
+from stealer.query_select import FEATURE_BUDGET, FEATURES, STRATEGIES, select_queries, write_photo_patches  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--features", choices=FEATURES, help="feature space for coverage (default pixels)")
     ap.add_argument("--centres", type=int, default=3, help="coverage: k-means centres")
     ap.add_argument("--spread", type=float, default=1.0, help="coverage: 0 = narrow (near the centres) .. 1 = broad (FPS)")
+    ap.add_argument("--feature-budget-mib", type=float, default=FEATURE_BUDGET / 2**20,
+                    help="MiB of computed features held at once; a larger pool is selected on a seeded subsample")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a shard set")
     ap.add_argument("--photo-patches", metavar="OUT", help="write N grey 32x32 crops of scikit-learn's sample photos to OUT")
     a = ap.parse_args(argv)
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not a.pool or not a.out:
             fail("give POOL and OUT shard folders (or --photo-patches OUT)")
         m = select_queries(a.pool, a.out, a.n, a.strategy, a.seed, a.features, centres=a.centres, spread=a.spread,
-                           overwrite=a.overwrite)
+                           overwrite=a.overwrite, feature_budget=int(a.feature_budget_mib * 2**20))
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         fail(str(e).splitlines()[0])
     print(json.dumps({"out": a.out, "num_samples": m["num_samples"], "selection": m["selection"]}, indent=1))

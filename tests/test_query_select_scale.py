@@ -183,3 +183,18 @@ def test_coverage_beyond_the_feature_budget_runs_on_a_seeded_subsample(tmp_path)
                                          r"at least 30720 bytes or lower n"):
         select_queries(tmp_path / "pool", tmp_path / "c60", 60, "coverage", seed=0, feature_budget=budget)
     assert not (tmp_path / "c60").exists() and not list(tmp_path.glob(".c60*"))
+
+
+def test_cli_feature_budget_too_small_is_one_line(damaged_pool, tmp_path, capsys):
+    from launch.select_queries import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(damaged_pool), str(tmp_path / "cli"), "--n", "20", "--strategy", "coverage",
+              "--feature-budget-mib", str(8 * 64 * 10 / 2**20)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: coverage n=20 needs n candidate rows") and "holds 10 rows" in err and "\n" not in err
+    assert not (tmp_path / "cli").exists() and not list(tmp_path.glob(".cli*"))
+    m = main([str(damaged_pool), str(tmp_path / "cli"), "--n", "5", "--strategy", "coverage", "--feature-budget-mib",
+              str(8 * 64 * 10 / 2**20)])
+    assert m["selection"]["approximation"]["subsample"] == 10 and m["num_samples"] == 5
