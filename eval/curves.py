@@ -375,8 +375,13 @@ def csv_text(tables: Sequence[CurveTable]) -> str:
     return buf.getvalue()
 
 
-def plot_table(t: CurveTable, path: str | Path, *, title: str | None = None) -> Path:
-    """Accuracy vs. queries (log x): a line per attack with min–max bars, the victim dashed, random dotted."""
+def plot_table(t: CurveTable, path: str | Path, *, title: str | None = None, xlabel: str = "victim queries",
+               log_x: bool = True) -> Path:
+    """Accuracy vs. queries: a line per attack with min–max bars, the victim dashed, random dotted.
+
+    The x axis is log-scaled (points at 0 are left out) unless ``log_x`` is false; a caller whose x
+    is another grid value (a learning rate, a temperature) names it with ``xlabel``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,7 +390,7 @@ def plot_table(t: CurveTable, path: str | Path, *, title: str | None = None) -> 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for (attack, defense), pts in t.lines.items():
-        xs = [q for q in pts if q > 0]  # log axis: a 0-query point cannot be drawn
+        xs = [q for q in pts if q > 0 or not log_x]  # log axis: a 0-query point cannot be drawn
         if not xs:
             continue
         ys = [pts[q].mean for q in xs]
@@ -395,15 +400,16 @@ def plot_table(t: CurveTable, path: str | Path, *, title: str | None = None) -> 
               "victim_random": dict(color="brown", linestyle=":")}
     for enc, s in t.references.items():
         ax.axhline(s.mean, linewidth=1.2, label=f"{enc} ({s.mean:.3f})", **styles.get(enc, dict(color="C7", linestyle="-.")))
-    ax.set_xscale("log")
-    qs = [q for q in t.queries if q > 0]
+    if log_x:
+        ax.set_xscale("log")
+    qs = [q for q in t.queries if q > 0 or not log_x]
     if qs:  # label the budgets themselves, not powers of ten
         from matplotlib.ticker import FuncFormatter, NullFormatter
 
         ax.set_xticks(qs)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _q(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("victim queries")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{t.probe} top-1 on {t.set}")
     ax.set_title(title or f"stolen accuracy vs. queries — {t.set} ({t.probe})", fontsize=10)
     ax.grid(alpha=0.3, which="both")

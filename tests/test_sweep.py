@@ -1,5 +1,6 @@
-"""launch/sweep.py without SLURM: expanding a sweep into rows, one row for an array task, errors,
-and collecting fabricated run directories into a table, a CSV and a PNG plot."""
+"""Sweeps without SLURM: expanding a sweep into rows (stealer/sweep.py), one row for an array task,
+errors (launch/sweep.py), and collecting fabricated run directories into a table, a CSV and a PNG
+plot (eval/sweep_report.py on eval/curves)."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from eval.sweep_report import collect  # noqa: E402
 from launch import sweep  # noqa: E402
+from stealer import sweep as lib  # noqa: E402
 from stealer.config import apply_overrides  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -95,21 +98,21 @@ def test_shell_output_survives_bash(sweep_file, tmp_path, capsys):
 @pytest.mark.parametrize("value", ["infonce", "true", "1e-3", "a b", "", "x: y", "#c", 3, 0.5, 1e-06, 2.5e10,
                                    True, None, [1, 2], ["query", "train"], ["a=b/c.pt"], {"k": 1}])
 def test_render_value_roundtrips_through_overrides(value):
-    text = sweep.render_value(value)
+    text = lib.render_value(value)
     assert apply_overrides({}, [f"k={text}"])["k"] == value
 
 
 def test_name_clashes_and_long_names_get_a_digest(tmp_path):
     f = _write(tmp_path / "c.yaml", {"name": "c", "base": {"out_dir": str(tmp_path)},
                                      "grid": {"victim.user": ["a/b", "a b", "ok"]}})
-    names = [r.name for r in sweep.expand(f)]
+    names = [r.name for r in lib.expand(f)]
     assert names[2] == "c_user-ok"
     assert names[0].startswith("c_user-a-b-") and names[1].startswith("c_user-a-b-") and names[0] != names[1]
     f = _write(tmp_path / "l.yaml", {"name": "l", "base": {"out_dir": str(tmp_path)}, "grid": {"victim.user": ["u" * 300]}})
-    (row,) = sweep.expand(f)
-    assert len(row.name) <= sweep.MAX_NAME
+    (row,) = lib.expand(f)
+    assert len(row.name) <= lib.MAX_NAME
     f = _write(tmp_path / "one.yaml", {"name": "solo", "base": {"out_dir": str(tmp_path)}})
-    assert [r.name for r in sweep.expand(f)] == ["solo"]
+    assert [r.name for r in lib.expand(f)] == ["solo"]
 
 
 @pytest.mark.parametrize("data, message", [
@@ -148,7 +151,7 @@ def test_bad_yaml_missing_file_and_row_out_of_range(tmp_path, sweep_file, capsys
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (argv, err)
 
 
-def _fake_run(row: sweep.Row, *, queries: int, top1: float | None, steps: int = 10, sets=("a", "b")) -> None:
+def _fake_run(row: lib.Row, *, queries: int, top1: float | None, steps: int = 10, sets=("a", "b")) -> None:
     run = Path(row.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "steal.json").write_text(json.dumps({
@@ -204,7 +207,7 @@ def test_collect_table_csv_png_and_missing_rows(sweep_file, tmp_path, capsys):
     png = (d / "summary.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 5000
 
-    res = sweep.collect(rows, tmp_path / "other", probe_set="b", by=["train.loss", "seed"])
+    res = collect(rows, tmp_path / "other", probe_set="b", by=["train.loss", "seed"])
     assert res["set"] == "b" and res["by"] == ["train.loss", "seed"]
     pts = {(p["line"], p["x"]): p["mean"] for p in res["points"]}
     assert pts[("loss=infonce, seed=1", 300.0)] == pytest.approx(0.5 + 0.3 + 0.02 - 0.1)
@@ -213,7 +216,7 @@ def test_collect_table_csv_png_and_missing_rows(sweep_file, tmp_path, capsys):
 
 def test_collect_with_nothing_run_lists_every_row(sweep_file, tmp_path):
     rows = sweep.expand(sweep_file)
-    res = sweep.collect(rows)
+    res = collect(rows)
     assert len(res["missing"]) == 8 and not res["points"] and "png" not in res["paths"]
     assert "No plot" in res["paths"]["md"].read_text()
     assert sweep.main(["collect", str(sweep_file)]) == 0  # incomplete rows are listed, not fatal
@@ -223,8 +226,8 @@ def test_collect_with_nothing_run_lists_every_row(sweep_file, tmp_path):
 def test_collect_unknown_probe_set(sweep_file):
     rows = sweep.expand(sweep_file)
     _fake_run(rows[0], queries=100, top1=0.5)
-    with pytest.raises(sweep.SweepError, match="probe set 'zzz' not in the results; sets found: a, b"):
-        sweep.collect(rows, probe_set="zzz")
+    with pytest.raises(lib.SweepError, match="probe set 'zzz' not in the results; sets found: a, b"):
+        collect(rows, probe_set="zzz")
 
 
 def test_run_dir_command(tmp_path, capsys):
@@ -238,3 +241,76 @@ def test_shipped_sweep_config_expands():
     rows = sweep.expand(REPO / "launch" / "configs" / "sweep_demo.yaml")
     assert len(rows) == 12 and rows[0].name == "demo_sweep_loss-infonce_queries-1000_seed-0"
     assert rows[0].run_dir == "runs/sweeps/demo_sweep_loss-infonce_queries-1000_seed-0"
+
+
+def _probe_like_eval_run(row: lib.Row, linear: dict[str, float], knn: dict[str, float]) -> None:
+    """results.jsonl as eval/run.py writes it: per encoder a linear line, then a kNN line; random_<i> seeds, then their mean."""
+    run = Path(row.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "steal.json").write_text(json.dumps({"query": {"cached": 100}, "train": {"steps": 5}}))
+    (run / "probe").mkdir(exist_ok=True)
+    lines = []
+    for enc in linear:
+        lines += [{"encoder": enc, "set": "a", "probe": "linear", "top1": linear[enc]},
+                  {"encoder": enc, "set": "a", "probe": "knn", "top1": knn[enc]}]
+    (run / "probe" / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_collect_reads_the_linear_probe_not_the_knn_line_after_it(sweep_file, tmp_path, capsys):
+    rows = lib.expand(sweep_file)[:2]
+    linear = {"victim": 0.9, "stolen": 0.7, "random_0": 0.2, "random_1": 0.4, "random": 0.3}
+    knn = {"victim": 0.8, "stolen": 0.55, "random_0": 0.1, "random_1": 0.3, "random": 0.2}
+    _probe_like_eval_run(rows[0], linear, knn)
+    _probe_like_eval_run(rows[1], {**linear, "stolen": 0.75}, {**knn, "stolen": 0.6})
+    res = collect(rows, tmp_path / "lin")
+    rec = res["records"][0]
+    assert rec["status"] == "ok" and rec["stolen_top1:a"] == pytest.approx(0.7)  # not the kNN 0.55 written after it
+    assert rec["victim_top1:a"] == pytest.approx(0.9) and rec["random_top1:a"] == pytest.approx(0.3)
+    (pt,) = res["points"]  # the two seeds of (infonce, 100 queries): mean, spread and sample std over rows
+    assert (pt["line"], pt["x"], pt["n"]) == ("loss=infonce", 100.0, 2)
+    assert pt["mean"] == pytest.approx(0.725) and pt["std"] == pytest.approx(0.025 * 2 ** 0.5)
+    assert res["table"].references["random"].values == pytest.approx([0.2, 0.4, 0.2, 0.4])  # the seeds, not their mean
+    md = (tmp_path / "lin" / "summary.md").read_text()
+    assert "| loss=infonce | 100 | 0.7250 | 0.7000 | 0.7500 | 2 | 0.0354 |" in md
+    assert "Seed noise" in md and "Gain recovered" in md  # eval/curves' lines below the table
+    knn_res = collect(rows, tmp_path / "knn", probe="knn")
+    assert knn_res["records"][0]["stolen_top1:a"] == pytest.approx(0.55) and knn_res["points"][0]["mean"] == pytest.approx(0.575)
+    assert sweep.main(["collect", str(sweep_file), "--probe", "knn", "--out", str(tmp_path / "cli")]) == 0
+    assert "2/8 rows complete" in capsys.readouterr().out
+    # a results line that is JSON but not a record (no 'set') makes that row "no probe", naming the file
+    (Path(rows[1].run_dir) / "probe" / "results.jsonl").write_text('{"encoder": "stolen", "top1": 0.5}\n')
+    res = collect(rows, tmp_path / "bad")
+    assert res["records"][1]["status"] == "no probe" and "results.jsonl" in res["missing"][0]
+    assert "has no 'set'" in res["missing"][0]
+
+
+def test_collect_over_a_grid_key_draws_a_linear_axis(sweep_file, tmp_path, monkeypatch):
+    import eval.report
+
+    rows = lib.expand(sweep_file)
+    for r in rows[:4]:  # infonce: queries 100 and 300, seeds 0 and 1
+        _fake_run(r, queries=r.settings["query.num_queries"], top1=0.5 + 0.1 * r.settings["seed"])
+    figures = []
+    save = eval.report.save_figure
+    monkeypatch.setattr(eval.report, "save_figure", lambda fig, path, dpi=None: (figures.append(fig.axes[0]), save(fig, path))[1])
+    res = collect(rows, tmp_path / "s", x="seed")
+    assert res["by"] == ["train.loss", "queries"]
+    assert {(p["line"], p["x"]) for p in res["points"]} == {
+        (f"loss=infonce, queries={q}", s) for q in (100, 300) for s in (0.0, 1.0)}
+    (ax,) = figures
+    assert ax.get_xscale() == "linear" and ax.get_xlabel() == "seed"
+    xs = sorted({float(x) for line in ax.lines for x in line.get_xdata()})
+    assert xs[:2] == [0.0, 1.0]  # the seed-0 points are drawn (a log axis would drop them)
+    md = (tmp_path / "s" / "summary.md").read_text()
+    assert "| line | seed |" in md and "Seed noise" not in md  # noise lines speak of queries: only for x = queries
+    assert (tmp_path / "s" / "summary.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_library_imports_point_one_way():
+    """stealer/sweep.py imports neither eval/ nor launch/ (even while expanding, which loads StealConfig);
+    eval/sweep_report.py imports no launch/ module."""
+    code = ("import sys; import stealer.sweep as s; s.expand('launch/configs/sweep_demo.yaml');"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('eval', 'launch')]; print(bad);"
+            "import eval.sweep_report; bad += [m for m in sys.modules if m.split('.')[0] == 'launch']; sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
