@@ -10,29 +10,9 @@ collect every row's results into one table (Markdown + CSV) and a plot (PNG).
     python launch/sweep.py run-dir [--config FILE] [key=value ...]     # where a single steal writes
 
 SWEEP is a sweep YAML or the ``rows.jsonl`` that ``expand`` froze (array tasks should read the
-frozen file, so that editing the YAML mid-sweep cannot renumber a requeued task's row). A sweep
-YAML::
-
-    name: demo_sweep                      # prefix of every run name (default: the file's stem)
-    config: launch/configs/demo.yaml      # the steal config every row starts from (optional)
-    base: {out_dir: runs/sweeps, train.epochs: 10}   # overrides for every row (dotted or nested)
-    grid:                                 # the cartesian product, last key varying fastest
-      train.loss: [infonce, mse]
-      queries:                            # a label whose values are mappings: keys that move together
-        - {query.num_queries: 1000, victim.budget: 1000}
-        - {query.num_queries: 3000, victim.budget: 3000}
-      seed: [0, 1]
-    probe:                                # how slurm/probe_array.sbatch probes each row (optional)
-      config: launch/configs/demo_probe.yaml
-      base: {train_limit: 500}
-    plot: {x: queries, by: [train.loss]}  # optional; these are the defaults here
-
-Each row's run name is deterministic — built from its grid values, e.g.
-``demo_sweep_loss-infonce_queries-1000_seed-0`` — so a requeued task finds its own checkpoints.
-Every row is validated as a ``StealConfig`` (its probe as a ``ProbeConfig``) up front; an unknown
-key fails in one line naming the row and the key. Sweep outputs (rows, summary) go to
-``<out_dir>/<name>.sweep/``. The library: ``stealer/sweep.py`` (rows), ``eval/sweep_report.py``
-(collect, built on ``eval/curves``).
+frozen file, so that editing the YAML mid-sweep cannot renumber a requeued task's row). The
+format of a sweep YAML (``--help`` shows it) is in ``stealer/sweep.py``, the row library;
+collecting is ``eval/sweep_report.py``, built on ``eval/curves``.
 """
 from __future__ import annotations
 
@@ -79,7 +59,7 @@ def _shell(row: Row) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=f"{__doc__}\n{_lib.__doc__}", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("expand", help="validate every row; write rows.jsonl (+ rows.tsv); print the rows")
     e.add_argument("sweep")

@@ -314,3 +314,11 @@ def test_sweep_library_imports_point_one_way():
             "import eval.sweep_report; bad += [m for m in sys.modules if m.split('.')[0] == 'launch']; sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_help_shows_the_sweep_format(capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "python launch/sweep.py collect SWEEP" in out
+    assert "A sweep YAML::" in out and "grid:" in out and "- {query.num_queries: 1000, victim.budget: 1000}" in out
