@@ -4,7 +4,9 @@ Before a batch is bought, its keys are journaled (``journal-r<rank>.jsonl``, fsy
 idempotency key derived from this cache's ``run_id`` and the image keys; the in-process victim
 keeps each answer with its charge under that key, so a run killed between the charge and the
 cache write reads the answer back on resume instead of buying it again
-(``stealer.steal.run_query_phase``).
+(:meth:`ResponseCache.recover_paid`), and a finished phase lets the victim forget what is cached
+(:meth:`ResponseCache.settle_journal`); used by ``stealer.steal.run_query_phase`` and the classifier
+attacks' ``stealer.classifier.cache.PosteriorCache``.
 
 Each answered query batch becomes one tar (``resp-r<rank>-<seq>.tar``: the query image's
 original bytes, its ``cls`` when known, and the response as ``.npy``) plus a JSON sidecar of
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import secrets
 import tarfile
@@ -30,6 +33,8 @@ from stealer.shards import make_manifest, tar_writer, write_manifest
 from victims.atomic import atomic_write_json, atomic_write_text, create_once
 
 __all__ = ["CacheWriteError", "ResponseCache"]
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -151,6 +156,50 @@ class ResponseCache:
         for path in self.root.glob("journal-r*.jsonl"):
             if not intents or path != keep:
                 path.unlink(missing_ok=True)
+
+    def recover_paid(self, victim: Any, user: str, done: set[str], per_image: int = 1,
+                     raw: bool = True) -> dict[str, np.ndarray]:
+        """``{image key: response}`` of every journaled purchase the victim still keeps an answer for
+        (a run killed after paying, before caching): read back, never bought again. Empty for a victim
+        that keeps none (HTTP: the server answers a repeated key from its own store instead).
+
+        Args:
+            victim: the transport; its ``answer(user, key)`` (``victims.api.VictimAPI``,
+                ``victims.posterior_api.PosteriorAPI``) returns a kept answer or None.
+            done: image keys already cached (their purchases are skipped).
+            per_image: answers bought per image (an attack's views), view-major in the kept answer.
+            raw: one answer per image (``per_image`` 1); else each image gets its ``[V, D]`` views.
+        """
+        answer = getattr(victim, "answer", None)
+        out: dict[str, np.ndarray] = {}
+        if not callable(answer):
+            return out
+        for paid_key, keys in self.intents():
+            if all(k in done for k in keys):
+                continue
+            reps = answer(user, paid_key)
+            if reps is None:  # journaled, never paid (killed before the charge committed)
+                continue
+            reps = reps.float().numpy()
+            if not raw:
+                reps = reps.reshape(per_image, len(keys), -1).transpose(1, 0, 2)
+            out.update(zip(keys, reps))
+        if out:
+            log.warning("recovered %d answers paid for by an earlier run but not cached; they are not bought again",
+                        len(out))
+        return out
+
+    def settle_journal(self, victim: Any, user: str) -> None:
+        """After a finished phase (one rank, when no other is buying): the victim forgets the answers it
+        kept for purchases now cached (``victim.forget(user, keys)``, where it has one), the journal keeps
+        the rest."""
+        done = self.done_keys()
+        intents = self.intents()
+        settled = [b for b, keys in intents if all(k in done for k in keys)]
+        forget = getattr(victim, "forget", None)
+        if callable(forget) and settled:
+            forget(user, settled)
+        self.rewrite_journal([(b, keys) for b, keys in intents if b not in set(settled)])
 
     # -- writing ----------------------------------------------------------------------------
     def write_batch(

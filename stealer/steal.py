@@ -15,7 +15,6 @@ exactly those views, once, and records the declared spend next to the ledger's c
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from stealer.losses import LOSSES, default_temperature, get_loss
 from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
 from stealer.preempt import Preempted, Preemption
 from stealer.student import StolenEncoder, save_student
+from victims.purchase import takes_key
 
 __all__ = ["StealConfig", "EncoderAttackConfig", "run_query_phase", "run_train_phase", "train_stream", "steal_step", "QueryTarget"]
 
@@ -248,8 +248,8 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
     wanted = stream.samples_per_epoch
     user = cfg.victim.user
     # answers paid for by an earlier run that died before caching them: read back, never re-bought
-    recovered = _recover_paid(cache, victim, user, done, per_image, attack.raw)
-    keyed = _takes_key(victim)
+    recovered = cache.recover_paid(victim, user, done, per_image, attack.raw)
+    keyed = takes_key(victim)
     forget = getattr(victim, "forget", None)
     t0 = time.time()
     sent = corrupt = reused = 0
@@ -315,7 +315,7 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
            "victim_preprocess": served_preprocess,
            "answers_recovered": stats[2]}  # paid by a killed run, read back from the victim, not bought again
     if _is_main(accelerator):
-        _settle_journal(cache, victim, user)
+        cache.settle_journal(victim, user)
         manifest = cache.finalize(source=f"responses of {desc.get('arch', 'victim')} to {cfg.data.query}")
         out["cached"] = manifest["num_samples"]
         out["declared_queries"] = per_image * manifest["num_samples"]  # what the attack says it spent
@@ -335,55 +335,12 @@ def _sum_over_ranks(values: list[int], accelerator: Any) -> list[int]:
     return [int(v) for v in t]
 
 
-def _takes_key(victim: Any) -> bool:
-    """Whether ``victim.query`` takes an idempotency ``key=`` (VictimAPI, HTTPVictim; not every wrapper)."""
-    try:
-        return "key" in inspect.signature(victim.query).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _recover_paid(cache: ResponseCache, victim: Any, user: str, done: set[str], per_image: int,
-                  raw: bool) -> dict[str, np.ndarray]:
-    """``{image key: response}`` of every journaled purchase the victim still keeps an answer for
-    (a run killed after paying, before caching); empty for a victim that keeps none (HTTP: the
-    server answers a repeated key from its own store instead)."""
-    answer = getattr(victim, "answer", None)
-    out: dict[str, np.ndarray] = {}
-    if not callable(answer):
-        return out
-    for paid_key, keys in cache.intents():
-        if all(k in done for k in keys):
-            continue
-        reps = answer(user, paid_key)
-        if reps is None:  # journaled, never paid (killed before the charge committed)
-            continue
-        reps = reps.float().numpy()
-        if not raw:
-            reps = reps.reshape(per_image, len(keys), -1).transpose(1, 0, 2)
-        out.update(zip(keys, reps))
-    if out:
-        log.warning("recovered %d answers paid for by an earlier run but not cached; they are not bought again", len(out))
-    return out
-
-
 def _cache_batch(cache: ResponseCache, keys: list[str], images: list[tuple[str, bytes]], labels: list[int],
                  responses: np.ndarray, forget: Any, user: str, paid_key: str | None) -> None:
     """Write one answered batch to the cache, then let the victim drop the answer it kept for it."""
     cache.write_batch(keys, images, labels, responses)
     if forget is not None and paid_key is not None:
         forget(user, [paid_key])
-
-
-def _settle_journal(cache: ResponseCache, victim: Any, user: str) -> None:
-    """After a finished phase: the victim forgets the kept answers now cached, the journal keeps the rest."""
-    done = cache.done_keys()
-    intents = cache.intents()
-    settled = [b for b, keys in intents if all(k in done for k in keys)]
-    forget = getattr(victim, "forget", None)
-    if callable(forget) and settled:
-        forget(user, settled)
-    cache.rewrite_journal([(b, keys) for b, keys in intents if b not in set(settled)])
 
 
 def query_preprocessing(cfg: StealConfig, desc: dict[str, Any],

@@ -16,8 +16,9 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from victims.ledger import BudgetExceeded, QueryLedger
 
-__all__ = ["fingerprint", "query_once", "kept_answer", "forget"]
+__all__ = ["fingerprint", "query_once", "kept_answer", "forget", "takes_key"]
 
 
 def fingerprint(images: Tensor) -> str:
@@ -87,3 +88,14 @@ def forget(ledger: QueryLedger, user: str, keys: Sequence[str]) -> int:
     """Drop the answers kept under ``keys``; what was charged stays charged, and a later query under
     one of these keys is a new purchase. Returns how many there were."""
     return ledger.drop_receipts([(user, k) for k in keys])
+
+
+def takes_key(victim: Any) -> bool:
+    """Whether ``victim.query`` takes an idempotency ``key=`` (:class:`victims.api.VictimAPI`,
+    :class:`victims.posterior_api.PosteriorAPI`, ``stealer.client.HTTPVictim``; not every wrapper):
+    a caller that journals its purchases asks with a key only where it is understood."""
+    query = getattr(victim, "query", None)
+    try:
+        return query is not None and "key" in inspect.signature(query).parameters
+    except (TypeError, ValueError):
+        return False

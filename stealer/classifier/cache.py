@@ -20,7 +20,7 @@ from torch import Tensor
 
 from stealer.cache import ResponseCache
 from stealer.shards import encode_png
-from stealer.steal import _recover_paid, _settle_journal, _takes_key  # the encoder steal's pay-once journal
+from victims.purchase import takes_key
 
 __all__ = ["PosteriorTarget", "PosteriorCache"]
 
@@ -98,9 +98,9 @@ class PosteriorCache:
                 new[k] = i
         if new:
             new_keys, idx = list(new), list(new.values())
-            keyed = _takes_key(target)
+            keyed = takes_key(target)
             if keyed and self._paid is None:  # answers a killed run paid for and never cached
-                self._paid = _recover_paid(self.store, target, user, set(self.known), 1, True)
+                self._paid = self.store.recover_paid(target, user, set(self.known))
                 self._victim = (target, user)
             got: list[Any] = [(self._paid or {}).pop(k, None) for k in new_keys]
             buy = [j for j, r in enumerate(got) if r is None]
@@ -132,5 +132,5 @@ class PosteriorCache:
         """Write the manifest that makes the cache a shard folder (one rank, after all are done); the
         victim forgets the answers it kept for purchases now cached, the journal keeps the rest."""
         if self._victim is not None:
-            _settle_journal(self.store, *self._victim)
+            self.store.settle_journal(*self._victim)
         return self.store.finalize(source=source)
