@@ -45,15 +45,16 @@ def tiny(tmp_path_factory):
 
 
 def test_similarity_threshold_calibration_flags_the_stated_share(tiny):
-    from launch.defense_table import calibrate_similarity_threshold
+    from eval.features import extract_features
     from stealer.data import ShardStream, open_shards
     from victims.defenses import SimilarityNoise
+    from victims.defenses.calibrate import similarity_threshold
     from victims.simsiam import load_victim_encoder
 
     root, victim = tiny
     enc = load_victim_encoder(victim)
     shards = f"{root}/data/animal_mnist/victim_train"
-    thr = calibrate_similarity_threshold(enc, shards, n=200, quantile=0.9, channels=1, image_size=16)
+    thr = similarity_threshold(extract_features(enc, shards, channels=1, image_size=16, limit=200)[0], 0.9)
     assert 0 < thr < 1
     images = next(ShardStream(open_shards(shards), batch_size=200, shuffle=False, channels=1, image_size=16,
                               limit=200).iter_epoch(0))["image"]
@@ -61,6 +62,36 @@ def test_similarity_threshold_calibration_flags_the_stated_share(tiny):
     for i in range(0, 200, 50):  # a user streaming the same images in batches is flagged ~10% of the time
         d(enc(images[i:i + 50]), images[i:i + 50], "u")
     assert abs(d.flagged("u") - 0.1 * 199) <= 3
+
+
+def test_calibration_maths_by_hand():
+    """s_i = max_{j<i} cos(f_i, f_j) over the stream; the centre is the mean; 'calibrate' only where it can be fitted."""
+    from victims.defenses import build_defenses
+    from victims.defenses.calibrate import calibrate_chain, mean_center, placeholder_chain, similarity_threshold
+
+    f = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+    # s = [cos(r1, r0), max(cos(r2, r0), cos(r2, r1)), max(cos(r3, .))] = [1/sqrt2, 1/sqrt2, 0]
+    assert similarity_threshold(f, 1.0) == pytest.approx(1 / math.sqrt(2))
+    assert similarity_threshold(f, 0.5) == pytest.approx(1 / math.sqrt(2))  # median of [0, .707, .707]
+    assert similarity_threshold(f, 0.25) == pytest.approx(0.5 / math.sqrt(2))  # linear between 0 and .707
+    assert mean_center(f) == pytest.approx([0.25, 0.5])
+    calls = []
+
+    def feats():
+        calls.append(1)
+        return f
+
+    chain = [{"name": "similarity_noise", "threshold": "calibrate"}, {"name": "b4b", "center": "calibrate", "n_bits": 5}]
+    specs, fitted = calibrate_chain(chain, feats, quantile=1.0)
+    assert specs[0]["threshold"] == pytest.approx(1 / math.sqrt(2)) and specs[1]["center"] == pytest.approx([0.25, 0.5])
+    assert fitted == {"threshold": specs[0]["threshold"], "center": specs[1]["center"]} and chain[0]["threshold"] == "calibrate"
+    assert calibrate_chain([{"name": "noise", "sigma": 0.5}], feats, quantile=0.9) == ([{"name": "noise", "sigma": 0.5}], {})
+    assert len(calls) == 2  # one read per fitted value, none for a chain without 'calibrate'
+    build_defenses(placeholder_chain(chain))  # a chain with 'calibrate' is checked before any data are read
+    with pytest.raises(ValueError, match="sigma=calibrate cannot be fitted; only b4b.center, similarity_noise.threshold"):
+        placeholder_chain([{"name": "noise", "sigma": "calibrate"}])
+    with pytest.raises(ValueError, match="needs >= 2 representations"):
+        similarity_threshold(f[:1], 0.9)
 
 
 def _argv(root, victim, out):
@@ -200,3 +231,82 @@ def test_table_per_seed_then_mean_std_and_noise(tiny, tmp_path):
     assert "- `direct`: beyond noise:" in md
     again = main(argv)  # every cell cached per seed: the same results
     assert sorted(r["stolen_top1"] for r in again) == sorted(r["stolen_top1"] for r in rows)
+
+
+def _small_argv(root, victim, out, *extra):
+    d = f"{root}/data"
+    return [f"out_dir={out}", "name=g", "budget=60", f"victim={victim}", "image_size=16", "attacks=[direct]",
+            "watermark.enabled=false", f"probe.train={d}/animal_mnist/probe_train", f"probe.test={d}/animal_mnist/probe_test",
+            "probe.n_train=null", "probe.steps=20", f"honest.train={d}/digits/probe_train", f"honest.test={d}/digits/probe_test",
+            "honest.n_train=40", "honest.n_test=24", "honest.steps=20", f"calibration.data={d}/animal_mnist/victim_train",
+            "calibration.n=60", *extra]
+
+
+def test_identity_geometry_decodes_as_before(tiny, tmp_path):
+    """The project's own victim (no resize/crop): the rows decode with the stream's own decode (decoder None), so the
+    honest and calibration images are those the table read before it followed the query phase's decode."""
+    from stealer.defense_table import DefenseRow, DefenseTableConfig, load_table_victim
+
+    root, victim = tiny
+    cfg = load_config(DefenseTableConfig, None, _small_argv(root, victim, tmp_path))
+    enc = load_table_victim(cfg, victim)
+    assert not enc.preprocessing.exact_geometry and DefenseRow(cfg, "none", victim, enc, []).decoder is None
+
+
+def test_victim_geometry_is_honoured_by_honest_user_and_calibration(tiny, tmp_path):
+    """steal={victim.resize: 20, victim.crop: 18}: the query phase decodes every image with the victim's exact
+    Resize 20 + CenterCrop 18; the honest user's images and the calibration stream must be decoded the same way
+    (not at image_size 16 and resized on arrival, which gives other answers)."""
+    from eval.features import extract_features
+    from eval.defense_probe import encode, load_images
+    from launch.defense_table import main
+    from victims.defenses.calibrate import similarity_threshold
+    from victims.preprocess import ExactDecode
+    from victims.safe_load import load_untrusted
+    from victims.simsiam import load_victim_encoder
+
+    root, victim = tiny
+    d = f"{root}/data"
+    main(_small_argv(root, victim, tmp_path, "defenses={none: [], sim: [{name: similarity_noise, threshold: calibrate}]}",
+                     f"steal={{data.query: {d}/animal_mnist/query, student.width: 8, train.epochs: 1, train.batch_size: 30, "
+                     f"query.batch_size: 60, victim.resize: 20, victim.crop: 18}}"))
+    out = tmp_path / "g"
+    # the steal's query phase answered on the victim's geometry (recorded in its cache)
+    pre = json.loads((out / "none" / "direct" / "cache" / "cache.json").read_text())["victim_preprocess"]
+    assert (pre["resize"], pre["crop"]) == (20, 18)
+    enc = load_victim_encoder(victim, resize=20, crop=18)
+    exact = ExactDecode(1, 20, 18)
+    kw = dict(channels=1, image_size=16)
+    xtr = load_images(f"{d}/digits/probe_train", 40, decoder=exact, **kw)[0]
+    xte = load_images(f"{d}/digits/probe_test", 24, decoder=exact, **kw)[0]
+    assert xtr.shape[-2:] == (18, 18)
+    answers = load_untrusted(out / "none" / "honest" / "answers.pt")
+    assert torch.equal(answers, encode(enc, torch.cat([xtr, xte])))
+    square = torch.cat([load_images(f"{d}/digits/probe_train", 40, **kw)[0], load_images(f"{d}/digits/probe_test", 24, **kw)[0]])
+    assert not torch.allclose(answers, encode(enc, square), atol=1e-4)  # the old decode gives other answers
+    summary = json.loads((out / "results.jsonl").read_text().splitlines()[-1])["summary"]
+    own = f"{d}/animal_mnist/victim_train"
+    want = similarity_threshold(extract_features(enc, own, limit=60, decoder=exact, **kw)[0], 0.99)
+    assert summary["similarity_threshold"] == pytest.approx(want, abs=1e-9)
+    assert summary["similarity_threshold"] != pytest.approx(similarity_threshold(extract_features(enc, own, limit=60, **kw)[0], 0.99), abs=1e-6)
+
+
+class Opaque:  # a pickled global a safe load refuses
+    pass
+
+
+def test_refused_pickle_in_a_row_state_is_one_line(tiny, tmp_path, capsys):
+    from launch.defense_table import main
+
+    root, victim = tiny
+    bad = tmp_path / "g" / "none" / "defense_state.pt"
+    bad.parent.mkdir(parents=True)
+    torch.save([Opaque()], bad)
+    with pytest.raises(Exception):  # the pickle really is refused by a safe load
+        torch.load(bad, weights_only=True)
+    with pytest.raises(SystemExit):
+        main(_small_argv(root, victim, tmp_path, "defenses={none: []}"))
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "\x1b" not in err, err
+    assert err.startswith(f"error: defense state {bad} holds a pickled Python object ({Opaque.__module__}.Opaque)"), err
+    assert not (tmp_path / "g" / "none" / "ledger.sqlite").exists()  # refused before any account was opened
