@@ -2,7 +2,7 @@
 """Folder → shards conversion: ``--workers N`` against one worker, same folder, one run.
 
 Writes N photo-like JPEGs (crops of scikit-learn's two sample photographs, at ``--src-size``) as
-an ImageFolder tree, then converts it with ``launch/make_shards.py`` (resize to ``--size``, PNG)
+an ImageFolder tree, then converts it with ``stealer.make_shards`` (what ``launch/make_shards.py`` runs; resize to ``--size``, PNG)
 once with 1 worker and once with ``--workers``, checks the two outputs are byte-for-byte equal,
 and prints images/s and the ratio (ideal: close to the number of cores for a CPU-bound resize;
 more where the header scan waits on a network file system).
@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.make_shards import make_shards  # noqa: E402
+from stealer.make_shards import make_shards  # noqa: E402
 
 
 def _photo_folder(root: Path, n: int, size: int, classes: int = 10) -> None:
