@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import make_accelerator  # noqa: E402
+from stealer.dist import make_accelerator  # noqa: E402
 from stealer.attacks import StepContext, get_attack  # noqa: E402
 from stealer.config import load_config  # noqa: E402
 from stealer.data import ShardStream, open_shards  # noqa: E402

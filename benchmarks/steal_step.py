@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import make_accelerator  # noqa: E402
+from stealer.dist import make_accelerator  # noqa: E402
 from stealer.config import load_config  # noqa: E402
 from stealer.losses import get_loss  # noqa: E402
 from stealer.optim import build_optimizer, build_schedule  # noqa: E402

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
+
+from stealer.dist import make_accelerator  # noqa: F401  (re-exported for the entry points)
 
 T = TypeVar("T")
 
@@ -98,20 +99,6 @@ def exit_preempted(acc: Any, exc: BaseException) -> typing.NoReturn:
     if acc.is_main_process:
         print(str(exc), flush=True)
     sys.exit(PREEMPT_EXIT_CODE)
-
-
-def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Any:
-    """An Accelerator on the GPU when there is one (and ``cpu`` is false), else CPU (gloo across processes)."""
-    import torch
-    from accelerate import Accelerator
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    use_cpu = cpu or not torch.cuda.is_available()
-    if mixed_precision == "auto":
-        mixed_precision = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if use_cpu and mixed_precision == "fp16":
-        mixed_precision = "no"  # fp16 autocast is a GPU feature; bf16 works on CPU
-    return Accelerator(cpu=use_cpu, mixed_precision=mixed_precision)
 
 
 def build_victim_api(vcfg: Any, run_dir: str | os.PathLike, device: Any = "cpu") -> Any:

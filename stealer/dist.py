@@ -23,6 +23,7 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 __all__ = [
+    "make_accelerator",
     "DistInfo",
     "dist_info",
     "is_distributed",
@@ -202,3 +203,18 @@ def gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
         sizes = gather_sizes(x.shape[0], x.device)
     out: Tensor = _GatherWithGrad.apply(x, sizes)
     return out
+
+
+def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Any:
+    """An Accelerator on the GPU when there is one (and ``cpu`` is false), else CPU (gloo across processes)."""
+    import logging
+
+    from accelerate import Accelerator
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    use_cpu = cpu or not torch.cuda.is_available()
+    if mixed_precision == "auto":
+        mixed_precision = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if use_cpu and mixed_precision == "fp16":
+        mixed_precision = "no"  # fp16 autocast is a GPU feature; bf16 works on CPU
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed_precision)
