@@ -17,6 +17,8 @@ anything it waited for). The driver holds no data, so the baseline is the same f
   probe       ``eval.stream_probe.train_linear``, one epoch of the streamed head over the features
   knn         ``eval.stream_probe.knn_stream`` (``--n-test`` test rows against the N train rows)
   select      ``stealer.query_select.select_queries`` class_balanced, N/10 of the pool
+  select_cov  ``select_queries`` coverage (pixel features, 10 centres, spread 0.5), ``--cov-n`` images: k-means
+              and farthest-point sampling over the pool up to ``--feature-budget-mib``, a seeded subsample beyond
   ledger      ``victims.ledger.QueryLedger.charge`` with a receipt per batch of ``--batch``
   cache       ``stealer.cache.ResponseCache``: write N answers in batches, finalize, read ``done_keys``
 
@@ -41,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PHASES = ["folder", "query", "train", "extract", "probe", "knn", "select", "ledger", "cache"]
+PHASES = ["folder", "query", "train", "extract", "probe", "knn", "select", "select_cov", "ledger", "cache"]
 CLASSES = [f"c{i}" for i in range(10)]
 TARGET_TIME, TARGET_RSS = 0.20, 1.2
 
@@ -72,7 +74,7 @@ def prepare(work: Path, n: int, a: argparse.Namespace) -> None:
             (folder / c).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             (folder / CLASSES[i % 10] / f"{i:07d}.png").write_bytes(encode_png(_image(i, a.size)))
-    if {"query", "train", "extract", "select"} & set(phases):
+    if {"query", "train", "extract", "select", "select_cov"} & set(phases):
         samples = ((f"s{i:07d}", encode_png(_image(i, a.size)), "png", i % 10) for i in range(n))
         write_shards(samples, work / "pool", samples_per_shard=1000, source="scale benchmark", classes=CLASSES,
                      channels=1, image_size=[a.size, a.size])
@@ -187,6 +189,15 @@ def run_phase(phase: str, work: Path, n: int, a: argparse.Namespace) -> float:
         t = time.perf_counter()
         select_queries(work / "pool", work / "selected", max(1, n // 10), "class_balanced", seed=0)
         return time.perf_counter() - t
+    if phase == "select_cov":
+        from stealer.query_select import select_queries
+
+        shutil.rmtree(work / "selected_cov", ignore_errors=True)
+        t = time.perf_counter()
+        m = select_queries(work / "pool", work / "selected_cov", min(a.cov_n, n // 10), "coverage", seed=0,
+                           centres=10, spread=0.5, feature_budget=int(a.feature_budget_mib * 2**20))
+        assert m["num_samples"] == min(a.cov_n, n // 10)
+        return time.perf_counter() - t
     if phase == "ledger":
         from victims.ledger import QueryLedger
 
@@ -233,7 +244,7 @@ def run_phase(phase: str, work: Path, n: int, a: argparse.Namespace) -> float:
 MODULES = {"folder": ["stealer.make_shards"], "query": ["launch.common", "stealer.steal", "victims.api", "victims.simsiam"],
            "train": ["launch.common", "stealer.steal", "victims.simsiam"],
            "extract": ["eval.feature_shards", "victims.simsiam"], "probe": ["eval.stream_probe", "stealer.engine", "timm.optim"],
-           "knn": ["eval.stream_probe"], "select": ["stealer.query_select"], "ledger": ["victims.ledger"],
+           "knn": ["eval.stream_probe"], "select": ["stealer.query_select"], "select_cov": ["stealer.query_select", "sklearn.cluster"], "ledger": ["victims.ledger"],
            "cache": ["stealer.cache"], "alloc": []}
 
 
@@ -290,6 +301,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=256, help="query / train / ledger / cache batch")
     p.add_argument("--probe-batch", type=int, default=1024, help="global batch of the streamed probe")
     p.add_argument("--shard-rows", type=int, default=4096, help="rows per feature shard")
+    p.add_argument("--cov-n", type=int, default=1000, help="select_cov: images chosen (at most N/10)")
+    p.add_argument("--feature-budget-mib", type=float, default=128.0, help="select_cov: features held at once")
     p.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--json", default="", help="also write the rows here")
     a = p.parse_args(argv)

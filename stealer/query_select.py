@@ -40,8 +40,8 @@ features in a temporary float32 file; pass 2 (:func:`copy_samples`) finds where 
 from the 512-byte tar headers alone for a plain local tar (a remote, compressed or damaged shard is
 read again and its chosen samples copied to a temporary spill file), and the new set is written in
 selection order by reading each chosen image from there. Computed features are held as float64 up to
-``feature_budget`` bytes (default 128 MiB, e.g. 65k rows of 16 x 16 grey pixels, 21k of RGB): a pool
-within it is selected exactly as before; a larger one is selected on a seeded uniform subsample of that
+``feature_budget`` bytes (default 32 MiB: 16k rows of 16 x 16 grey pixels, 5.4k of RGB, 32k of
+``random_encoder``; the default data's 3,000-image query pool fits): a pool within it is selected exactly as before; a larger one is selected on a seeded uniform subsample of that
 many rows (``numpy.random.default_rng([seed, 11])``) -- k-means, the candidate ranking and farthest-point
 sampling all on the subsample, and ``coverage_radius`` / ``mean_nn_distance`` measured over it -- recorded
 as ``"approximation": {"subsample", "pool", "feature_budget"}`` in the selection block. Farthest-point
@@ -79,7 +79,8 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("random", "class_balanced", "coverage")
 FEATURES = ("pixels", "random_encoder")
 PHOTO_CLASSES = ["china", "flower"]
-FEATURE_BUDGET = 128 << 20  # bytes of float64 features held at once (select_queries feature_budget)
+FEATURE_BUDGET = 32 << 20  # bytes of float64 features held at once (select_queries feature_budget)
+FPS_ROWS = 4096  # rows per block of the farthest-point distance update
 
 
 # --------------------------------------------------------------------------- the pool
@@ -488,7 +489,8 @@ def coverage_order(feats: np.ndarray, n: int, *, centres: int = 3, spread: float
         if j >= min(centres, n):
             j = int(np.argmax(dist))
         picked.append(j)
-        dist = np.minimum(dist, ((x - x[j]) ** 2).sum(1))
+        for a in range(0, m, FPS_ROWS):  # in row blocks: the same per-row sums, no [m, D] temporaries
+            np.minimum(dist[a:a + FPS_ROWS], ((x[a:a + FPS_ROWS] - x[j]) ** 2).sum(1), out=dist[a:a + FPS_ROWS])
         dist[j] = -np.inf  # never picked twice (np.minimum keeps it), even among duplicates
     return cand[np.asarray(picked, dtype=np.int64)]
 

@@ -198,3 +198,42 @@ def test_cli_feature_budget_too_small_is_one_line(damaged_pool, tmp_path, capsys
     m = main([str(damaged_pool), str(tmp_path / "cli"), "--n", "5", "--strategy", "coverage", "--feature-budget-mib",
               str(8 * 64 * 10 / 2**20)])
     assert m["selection"]["approximation"]["subsample"] == 10 and m["num_samples"] == 5
+
+
+def _fps_reference(feats, n, centres, spread, seed):
+    """coverage_order as it was before the blocked distance update (whole [m, D] temporaries)."""
+    from sklearn.cluster import KMeans
+
+    big_n = feats.shape[0]
+    d = KMeans(n_clusters=centres, n_init=4, random_state=seed).fit(feats).transform(feats)
+    order, seen = [], np.zeros(big_n, dtype=bool)
+    for row in np.argsort(d, axis=0, kind="stable"):
+        for i in row:
+            if not seen[i]:
+                seen[i] = True
+                order.append(int(i))
+    m = min(big_n, n + int(round(spread * (big_n - n))))
+    cand = np.asarray(order[:m])
+    x = feats[cand]
+    picked, dist = [], np.full(m, np.inf)
+    for j in range(m):
+        if len(picked) == n:
+            break
+        if j >= min(centres, n):
+            j = int(np.argmax(dist))
+        picked.append(j)
+        dist = np.minimum(dist, ((x - x[j]) ** 2).sum(1))
+        dist[j] = -np.inf
+    return cand[np.asarray(picked)]
+
+
+@pytest.mark.parametrize("block", [7, 4096])
+def test_blocked_farthest_point_update_is_the_same_order(monkeypatch, block):
+    import stealer.query_select as qs
+
+    monkeypatch.setattr(qs, "FPS_ROWS", block)
+    rng = np.random.default_rng(3)
+    feats = np.concatenate([rng.normal(size=(150, 9)), rng.normal(size=(100, 9)) * 0.1 + 3, np.zeros((5, 9))])
+    for n, centres, spread in [(30, 3, 1.0), (20, 2, 0.3), (12, 4, 0.0)]:
+        assert coverage_order(feats, n, centres=centres, spread=spread, seed=1).tolist() == \
+            _fps_reference(feats, n, centres, spread, 1).tolist()
