@@ -24,6 +24,12 @@ at ``budget`` queries per attack:
 Writes ``<out_dir>/<name>/defense_table.md``, ``.csv``, ``utility_vs_stolen.png`` and
 ``results.jsonl``. Every query is charged by a per-defense ledger and cached; defense state is
 saved after every query phase; a rerun resumes where it stopped and pays nothing twice.
+
+This file only composes: the config, rows and cells are ``stealer/defense_table.py``, the probes,
+honest utility and watermark verdicts ``eval/defense_probe.py``, the outputs ``eval/defense_report.py``
+(over seeds: ``eval.report.defense_seed_table``), the ``calibrate`` values ``victims/defenses/calibrate.py``.
+The victim is loaded with the steal's ``victim.*`` preprocessing keys (``steal_config`` and ``steal``), and
+the honest user's, the calibration and the victim probe's images are decoded as the query phase decodes them.
 """
 from __future__ import annotations
 

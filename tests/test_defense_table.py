@@ -188,13 +188,13 @@ def test_shipped_configs_load_and_every_chain_builds(name):
     from launch.defense_table import DefenseTableConfig
     from stealer.config import load_config
     from victims.defenses import build_defenses
+    from victims.defenses.calibrate import placeholder_chain
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(DefenseTableConfig, repo / "launch" / "configs" / name, [])
     assert cfg.budget == 3000 and "none" in cfg.defenses
     for chain in cfg.defenses.values():  # 'calibrate' values are filled from the victim at run time
-        build_defenses([{k: (None if v == "calibrate" and k == "center" else 0.5 if v == "calibrate" else v)
-                         for k, v in d.items()} for d in chain])
+        build_defenses(placeholder_chain(chain))
     assert any(d.get("n_bits") == 5 and d.get("center") == "calibrate" for c in cfg.defenses.values() for d in c)
 
 
