@@ -7,9 +7,9 @@ Dziedzic et al., ICML'22 (noise defenses, cleverhans-lab/ssl-attacks-defenses @1
 one's fidelity row is in docs/fidelity.md:
 
 * **repeat-and-average** (:class:`RepeatAverage`): every image is sent ``repeats`` times in one
-  request — each copy is charged by the victim — and the answers are averaged, which divides
-  the variance of independent noise by ``repeats`` (and is exactly what a similarity detector
-  looks for);
+  request — each copy is charged by the victim, once, under the caller's idempotency key — and the
+  answers are averaged (in float64), which divides the variance of independent noise by ``repeats``
+  (and is exactly what a similarity detector looks for);
 * **coverage control** (:func:`coverage_controlled_queries`): query a narrow subset of the
   query pool, chosen by ``stealer.query_select.select_queries(strategy="coverage")``, so a
   coverage-priced defense (B4B) sees a small footprint;
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ import torch
 from stealer.cache import ResponseCache
 from stealer.data import ShardStream, open_shards
 from stealer.steal import QueryTarget, StealConfig, query_preprocessing
+from victims.purchase import takes_key
 
 __all__ = ["RepeatAverage", "fit_affine_map", "apply_affine_map", "sybil_users", "run_sybil_query_phase",
            "coverage_controlled_queries"]
@@ -47,6 +48,14 @@ class RepeatAverage:
 
     The ``repeats`` copies travel in one request (``images.repeat_interleave``), so the victim
     charges ``repeats`` queries per image; use it with ``query.num_queries = budget // repeats``.
+
+    Paid once like every other path (issue 13): a caller's idempotency ``key`` becomes the key of the
+    one request of ``N x R`` copies (:meth:`copies_key`), which a keyed victim (``victims.purchase``:
+    the charge of all ``N x R`` images and their answer in one transaction) answers from its store when
+    asked again after a crash, without a second charge; :meth:`answer` and :meth:`forget` let the query
+    phase read such a kept answer back (averaged) and release it once cached. The mean is taken in
+    float64 and cast back to the answer's dtype, so ``R`` float32 (or bf16) answers are averaged without
+    the rounding of a running sum in their own precision.
     """
 
     def __init__(self, victim: QueryTarget, repeats: int) -> None:
@@ -57,9 +66,39 @@ class RepeatAverage:
     def describe(self) -> dict[str, Any]:
         return self.victim.describe()
 
-    def query(self, images: torch.Tensor, user: str) -> torch.Tensor:
-        reps = self.victim.query(images.repeat_interleave(self.repeats, dim=0), user)  # (N * R) x D
-        return reps.reshape(images.shape[0], self.repeats, -1).mean(dim=1)
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the wrapped victim's (``ledger``/``usage``: what the query phase reports as
+        spent; ``precision``: what the response cache records)."""
+        if name == "victim":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.victim, name)
+
+    def copies_key(self, key: str) -> str:
+        """The key of the ``R``-copies request bought for the caller's ``key`` (another question than the
+        images asked once, so it never collides with a purchase of them under ``key`` itself)."""
+        return f"{key}:x{self.repeats}"
+
+    def _mean(self, reps: torch.Tensor, n: int) -> torch.Tensor:
+        return reps.reshape(n, self.repeats, -1).double().mean(dim=1).to(reps.dtype)  # (N * R) x D -> N x D
+
+    def query(self, images: torch.Tensor, user: str, *, key: str | None = None) -> torch.Tensor:
+        copies = images.repeat_interleave(self.repeats, dim=0)
+        if key is not None and takes_key(self.victim):  # one keyed purchase of all N x R copies
+            reps = self.victim.query(copies, user, key=self.copies_key(key))  # type: ignore[call-arg]
+        else:
+            reps = self.victim.query(copies, user)  # charged per copy
+        return self._mean(reps, images.shape[0])
+
+    def answer(self, user: str, key: str) -> torch.Tensor | None:
+        """The mean answer paid for under ``key`` (None: nothing kept, or a victim that keeps none)."""
+        answer = getattr(self.victim, "answer", None)
+        reps = answer(user, self.copies_key(key)) if callable(answer) else None
+        return None if reps is None else self._mean(reps, reps.shape[0] // self.repeats)
+
+    def forget(self, user: str, keys: Sequence[str]) -> int:
+        """The victim drops the answers it kept for ``keys`` (cached by the caller now); returns how many."""
+        forget = getattr(self.victim, "forget", None)
+        return forget(user, [self.copies_key(k) for k in keys]) if callable(forget) else 0
 
 
 def fit_affine_map(src: torch.Tensor, dst: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:

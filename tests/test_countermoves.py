@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,87 @@ def test_repeat_average_pays_every_copy_and_divides_the_noise_variance(tmp_path)
         RepeatAverage(api, 0)
 
 
+class _Float32Victim:
+    """Answers of a large dynamic range (float32), where a float32 mean of R copies rounds."""
+
+    def __init__(self):
+        self.calls = []
+
+    def describe(self):
+        return {"out_dim": 16}
+
+    def query(self, images, user):
+        self.calls.append(len(images))
+        g = torch.Generator().manual_seed(len(self.calls))
+        return torch.randn(len(images), 16, generator=g) * 1e4
+
+
+def test_repeat_average_means_in_float64_and_casts_back():
+    victim = _Float32Victim()
+    images = torch.zeros(64, 1, 4, 4, dtype=torch.uint8)
+    got = RepeatAverage(victim, 8).query(images, "eve")
+    raw = torch.randn(64 * 8, 16, generator=torch.Generator().manual_seed(1)) * 1e4  # what the victim answered
+    ref = raw.reshape(64, 8, 16).double().mean(1)
+    assert got.dtype == torch.float32 and torch.equal(got, ref.float())
+    assert not torch.equal(raw.reshape(64, 8, 16).mean(1), ref.float())  # a float32 mean would round differently
+    assert victim.calls == [64 * 8]  # one request of all copies, no key: the plain victim charges per copy
+
+
+_KILLED_CHILD = """
+import sys, time, torch
+from stealer.countermoves import RepeatAverage
+from victims.api import VictimAPI
+from victims.defenses import GaussianNoise
+from victims.ledger import QueryLedger
+from victims.simsiam import random_victim
+enc = random_victim("resnet18", in_chans=1, width=8, stem="small", image_size=16, seed=0)
+api = VictimAPI(enc, QueryLedger(sys.argv[1]), defenses=[GaussianNoise(sigma=1.0, seed=1)])
+images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+avg = RepeatAverage(api, 3).query(images, "eve", key="run1:batch0")
+torch.save(avg, sys.argv[2])
+open(sys.argv[3], "w").write("paid")
+time.sleep(120)  # killed here: paid, the answer never reached the caller's cache
+"""
+
+
+def test_repeat_average_killed_after_paying_is_not_charged_again_on_retry(tmp_path):
+    """A process buys 6 images x 3 copies under a key and is SIGKILLed before caching; the retry under the
+    same key (another process's view of the ledger) gets the same mean back and pays nothing more."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from victims.defenses import GaussianNoise
+
+    ledger, saved, paid = tmp_path / "ledger.sqlite", tmp_path / "avg.pt", tmp_path / "paid"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(ledger), str(saved), str(paid)], env=env)
+    try:
+        deadline = time.time() + 120
+        while not paid.exists():
+            assert child.poll() is None and time.time() < deadline, "the child died before paying"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL  # really killed, not finished
+    finally:
+        if child.poll() is None:
+            child.kill()
+    api = _api(tmp_path, [GaussianNoise(sigma=1.0, seed=5)])  # a new process: other noise, same ledger file
+    assert api.ledger.spent("eve") == 18  # 6 images x 3 copies, charged once
+    images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    wrapper = RepeatAverage(api, 3)
+    killed_answer = torch.load(saved, weights_only=True)
+    assert torch.equal(wrapper.answer("eve", "run1:batch0"), killed_answer)  # what recover_paid reads back
+    again = wrapper.query(images, "eve", key="run1:batch0")
+    assert torch.equal(again, killed_answer) and api.ledger.spent("eve") == 18  # the kept answer, no second charge
+    # the key is what protects it: without one the same images are bought again (with fresh noise)
+    fresh = wrapper.query(images, "eve")
+    assert api.ledger.spent("eve") == 36 and not torch.equal(fresh, killed_answer)
+    assert wrapper.forget("eve", ["run1:batch0"]) == 1 and wrapper.answer("eve", "run1:batch0") is None
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from stealer.shards import build_default_data
@@ -58,6 +140,55 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cm")
     build_default_data(root / "data", image_size=16, sizes=SIZES)
     return root / "data"
+
+
+def test_repeat_average_query_phase_dies_after_paying_and_resumes_without_repaying(tmp_path, data):
+    """The steal's query phase through RepeatAverage: its batches are journaled and bought under keys; the
+    process 'dies' after batch 3 is paid and before it is cached; the rerun reads that mean back
+    (ResponseCache.recover_paid through RepeatAverage.answer), pays exactly R x images in all, and its cache is
+    byte-equal to an uninterrupted run's."""
+    import stealer.steal as steal
+    from stealer.config import load_config
+    from stealer.steal import StealConfig, run_query_phase
+
+    def cfg(name):
+        return load_config(StealConfig, None, [f"out_dir={tmp_path}", f"name={name}", f"data.query={data}/animal_mnist/query",
+                                               "data.image_size=16", "query.num_queries=64", "query.batch_size=16"])
+
+    ref_api = _api(tmp_path / "ref_state", [])
+    ref = run_query_phase(cfg("ref"), RepeatAverage(ref_api, 2), None)
+    assert ref["queries_sent"] == 64 and ref_api.ledger.spent("attacker") == 128  # images sent, copies charged
+
+    api = _api(tmp_path / "cut_state", [])
+    real, written = steal._cache_batch, []
+
+    class Died(BaseException):  # nothing on the way may swallow it, like a kill
+        pass
+
+    def dies_at_third(cache, keys, *rest):
+        if len(written) == 2:
+            raise Died()
+        written.append(len(keys))
+        return real(cache, keys, *rest)
+
+    steal._cache_batch = dies_at_third
+    try:
+        with pytest.raises(Died):
+            run_query_phase(cfg("cut"), RepeatAverage(api, 2), None)
+    finally:
+        steal._cache_batch = real
+    paid = api.ledger.spent("attacker")
+    assert paid >= 3 * 16 * 2 and len(list((tmp_path / "cut" / "cache").glob("resp-*.tar"))) == 2  # batch 3 paid, not cached
+    out = run_query_phase(cfg("cut"), RepeatAverage(api, 2), None)
+    assert out["answers_recovered"] == paid // 2 - 32 and out["ledger_spent"] == 128 and out["cached"] == 64  # 0 re-paid
+
+    def files(run):
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / run / "cache").glob("resp-*"))}
+
+    assert files("cut") == files("ref")
+    assert not list((tmp_path / "cut" / "cache").glob("journal-*"))  # settled: the journal is gone ...
+    with sqlite3.connect(tmp_path / "cut_state" / "ledger.sqlite") as con:  # ... and the victim forgot the kept answers
+        assert con.execute("SELECT COUNT(*) FROM receipts WHERE answer IS NOT NULL").fetchone()[0] == 0
 
 
 def test_sybils_map_b4b_spaces_and_feed_the_normal_train_phase(tmp_path, data):
