@@ -26,7 +26,8 @@ differences, unless the key is on the loop's allow-list (``may_change``: speed a
 keys) or ``force`` (``--resume-force``) is set, in which case the differences are printed.
 
 Preemption: SIGUSR2/SIGTERM or the flag file (:mod:`stealer.preempt`) on any rank → every rank
-agrees (an all-reduce in :meth:`should_stop`) → checkpoint → rank 0 runs ``scontrol requeue``
+agrees (an all-reduce in :meth:`should_stop`, every ``preempt_every`` steps: a GPU sync each step
+would stall the loop) → checkpoint → rank 0 runs ``scontrol requeue``
 under SLURM (``ARRAYJOB_TASK`` for array tasks) → :class:`stealer.preempt.Preempted`, which the
 entry points turn into exit code 3 (``launch.common.exit_preempted``).
 
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Union
 
 from stealer.ckpt import config_diff, describe_diff, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from stealer.preempt import Preempted, Preemption
+from stealer.preempt import PREEMPT_CHECK_EVERY, Preempted, Preemption
 
 __all__ = ["RunState"]
 
@@ -61,7 +62,9 @@ class RunState:
     ``is_main_process``, ``wait_for_everyone``, ``reduce``; ``scaler`` when fp16). With
     ``ckpt_dir=None`` the component is inert: nothing is resumed, saved or watched.
     ``what`` names the loop in messages ("clone", "dfme"); ``rerun`` and ``start_over`` are the
-    hints of the preemption and refusal messages.
+    hints of the preemption and refusal messages. ``preempt_every``: steps between the ranks'
+    agreement on a preemption request (:class:`stealer.preempt.Preemption` ``check_every``; 1: every
+    step); a request is acted on at the next such step, on every rank alike.
     """
 
     def __init__(self, acc: Any, ckpt_dir: str | os.PathLike | None, *, config: dict[str, Any],
@@ -69,7 +72,7 @@ class RunState:
                  run_dir: str | os.PathLike | None = None, what: str = "",
                  rerun: str = "rerun with --resume auto",
                  start_over: str = "use a new run name (name=...), resume=none to start over, or --resume-force to resume anyway",
-                 steps_per_epoch: int | None = None) -> None:
+                 steps_per_epoch: int | None = None, preempt_every: int = PREEMPT_CHECK_EVERY) -> None:
         self.acc = acc
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
         self.config, self.may_change, self.force, self.keep = config, set(may_change), force, keep
@@ -86,7 +89,8 @@ class RunState:
         self.last_saved_step: int | None = None
         self.preempt: Preemption | None = None
         if self.ckpt_dir is not None:
-            self.preempt = Preemption(Path(run_dir) if run_dir is not None else self.ckpt_dir.parent, acc)
+            self.preempt = Preemption(Path(run_dir) if run_dir is not None else self.ckpt_dir.parent, acc,
+                                      check_every=preempt_every)
             self.preempt.clear_stale_flag()
 
     @property
@@ -210,7 +214,8 @@ class RunState:
 
     # ------------------------------------------------------------------ preemption
     def should_stop(self) -> bool:
-        """Collective: True on every rank when any rank saw SIGUSR2/SIGTERM or the flag file."""
+        """Collective: True on every rank when any rank saw SIGUSR2/SIGTERM or the flag file (looked at
+        every ``preempt_every`` calls with several processes)."""
         return self.preempt is not None and self.preempt.should_stop()
 
     def step_end(self, step: int, *, periodic: bool, where: str, per_rank: PerRank = None,

@@ -7,6 +7,13 @@ script traps the signal and touches a flag file (``$SSLSTEAL_PREEMPT_FLAG``, def
 too. The decision is all-reduced so that no rank checkpoints alone (a DDP hang). Under SLURM
 rank 0 then requeues its own job (``JOBID_TASKID`` for array tasks). USR1 is left alone: NCCL
 may use it.
+
+The all-reduce runs every ``check_every``-th call only (:data:`PREEMPT_CHECK_EVERY` in the training
+loops' :class:`stealer.engine.RunState`): on GPUs it is a collective plus a ``.item()``, a host-device
+sync that stalls the step pipeline, and paid every step it costs more than the warning needs (SLURM
+warns minutes ahead). The signal is still recorded the moment it arrives (the handler), and every rank
+calls the same number of times, so all ranks take the decision at the same call: the stop, and the
+checkpoint written there, stay agreed and a resume stays bitwise.
 """
 from __future__ import annotations
 
@@ -21,11 +28,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["Preemption", "Preempted", "slurm_job_id", "PREEMPT_EXIT_CODE"]
+__all__ = ["Preemption", "Preempted", "slurm_job_id", "PREEMPT_EXIT_CODE", "PREEMPT_CHECK_EVERY"]
 
 log = logging.getLogger(__name__)
 _PROCESS_START = time.time()  # a flag file older than this process is left over from an earlier run
 PREEMPT_EXIT_CODE = 3  # "stopped early, checkpointed, resumable with --resume auto"
+PREEMPT_CHECK_EVERY = 10  # training steps between the ranks' agreements (RunState's default)
 
 
 class Preempted(RuntimeError):
@@ -41,11 +49,22 @@ def slurm_job_id(env: dict[str, str] | None = None) -> str | None:
 
 
 class Preemption:
-    """Watch for a preemption request; ``should_stop()`` is collective (call it on every rank)."""
+    """Watch for a preemption request; ``should_stop()`` is collective (call it on every rank).
+
+    Args:
+        check_every: calls of :meth:`should_stop` between the ranks' agreements (an all-reduce on
+            several processes; 1: every call, as the query phase does between paid batches). One
+            process needs no agreement and looks at every call.
+    """
 
     def __init__(self, run_dir: str | os.PathLike, accelerator: Any = None,
-                 signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
+                 signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM), check_every: int = 1) -> None:
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every={check_every!r} must be an int >= 1 (1: agree on every call)")
         self.acc = accelerator
+        self.check_every = check_every
+        self.calls = 0  # should_stop calls so far (the same count on every rank)
+        self.collectives = 0  # of which agreed across ranks
         self.flag = Path(os.environ.get("SSLSTEAL_PREEMPT_FLAG") or Path(run_dir) / "PREEMPT")
         self.signalled: int | None = None
         self._previous: dict[int, Any] = {}
@@ -73,12 +92,16 @@ class Preemption:
         return self.signalled is not None or self.flag.exists()
 
     def should_stop(self) -> bool:
-        """True on every rank if any rank saw a request."""
-        local = 1.0 if self.requested() else 0.0
+        """True on every rank if any rank saw a request -- looked at on every ``check_every``-th call
+        with several processes (the others return False without a collective), on every call with one."""
+        self.calls += 1
         if self.acc is None or self.acc.num_processes == 1:
-            return local > 0
-        t = torch.tensor([local], device=self.acc.device)
-        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+            return self.requested()
+        if self.calls % self.check_every:
+            return False
+        self.collectives += 1
+        t = torch.tensor([1.0 if self.requested() else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() > 0)  # .item(): the host-device sync
 
     def requeue(self) -> bool:
         """Under SLURM, rank 0 requeues this job; returns whether a requeue was issued.

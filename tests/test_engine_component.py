@@ -267,7 +267,7 @@ acc = make_accelerator(cpu=True)
 rank = acc.process_index
 torch.manual_seed(10 + rank)  # each rank its own stream
 model = torch.nn.Linear(2, 2)
-state = RunState(acc, f"{out}/ckpt", config={"x": 1}, run_dir=out).track(model=model)
+state = RunState(acc, f"{out}/ckpt", config={"x": 1}, run_dir=out, preempt_every=4).track(model=model)
 stopped_at = None
 try:
     for step in range(1, 10):
@@ -282,14 +282,67 @@ torch.manual_seed(999)
 again = RunState(acc, f"{out}/ckpt", config={"x": 1}, run_dir=out).track(model=model)
 found = again.resume("auto")
 json.dump({"stopped_at": stopped_at, "after": after, "resumed": torch.rand(3).tolist(), "step": found["step"],
-           "ranks": len(found["ranks"])}, open(f"{out}/rank{rank}.json", "w"))
+           "ranks": len(found["ranks"]), "calls": state.preempt.calls, "collectives": state.preempt.collectives},
+          open(f"{out}/rank{rank}.json", "w"))
 again.close()
 '''
 
 
+class _TwoRanks:
+    """An accelerator's surface for Preemption on 2 ranks: ``reduce`` sums this rank's flag with the other's."""
+
+    num_processes, is_main_process, device = 2, True, "cpu"
+
+    def __init__(self, other_flag: float = 0.0):
+        self.other, self.reduces = other_flag, 0
+
+    def reduce(self, t, reduction):
+        assert reduction == "sum"
+        self.reduces += 1
+        return t + self.other
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_preemption_agrees_every_check_every_calls_and_records_a_signal_at_once(tmp_path):
+    from stealer.preempt import PREEMPT_CHECK_EVERY, Preemption
+
+    acc = _TwoRanks()
+    p = Preemption(tmp_path, acc, check_every=5)
+    try:
+        assert [p.should_stop() for _ in range(4)] == [False] * 4 and acc.reduces == 0  # no collective yet
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert p.signalled == signal.SIGUSR2 and p.requested()  # recorded the moment it arrives
+        assert [p.should_stop() for _ in range(1)] == [True] and acc.reduces == 1  # call 5: agreed
+    finally:
+        p.close()
+    other = _TwoRanks(other_flag=1.0)  # only the other rank saw it: this rank stops at the same call
+    q = Preemption(tmp_path, other, check_every=3)
+    try:
+        assert [q.should_stop() for _ in range(6)] == [False, False, True, False, False, True] and other.reduces == 2
+    finally:
+        q.close()
+    one = Preemption(tmp_path, None, check_every=5)  # one process: no collective, looked at on every call
+    try:
+        (tmp_path / "PREEMPT").touch()
+        assert one.should_stop()
+    finally:
+        one.close()
+        (tmp_path / "PREEMPT").unlink()
+    for kw, want in (({}, PREEMPT_CHECK_EVERY), ({"preempt_every": 1}, 1)):  # where the engine is built
+        state = RunState(None, tmp_path / "ck", config={}, run_dir=tmp_path, **kw)
+        assert state.preempt.check_every == want
+        state.close()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="check_every="):
+            Preemption(tmp_path, acc, check_every=bad)
+
+
 def test_two_ranks_agree_to_stop_and_each_gets_its_own_rng_back(tmp_path):
-    """USR2 on rank 1 only: both ranks stop at the same step (all-reduce), one checkpoint holds both
-    ranks' RNG states, and a resume gives each rank its own back."""
+    """USR2 on rank 1 only, at step 3: both ranks stop at the same step, the next agreement (step 4 with
+    preempt_every=4: one all-reduce in four steps), one checkpoint holds both ranks' RNG states, and a
+    resume gives each rank its own back."""
     import json
     import subprocess
     import sys
@@ -305,5 +358,6 @@ def test_two_ranks_agree_to_stop_and_each_gets_its_own_rng_back(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
-    assert a["stopped_at"] == b["stopped_at"] == 3 and a["step"] == b["step"] == 3 and a["ranks"] == 2
+    assert a["stopped_at"] == b["stopped_at"] == 4 and a["step"] == b["step"] == 4 and a["ranks"] == 2
+    assert a["calls"] == b["calls"] == 4 and a["collectives"] == b["collectives"] == 1
     assert a["resumed"] == a["after"] and b["resumed"] == b["after"] and a["after"] != b["after"]
