@@ -45,6 +45,7 @@ import re
 import shutil
 import tarfile
 import warnings
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,16 +478,78 @@ class SkipCounter:
         return {"quirks": {k: {"count": len(v), "files": v[:_QUIRK_NAMES]} for k, v in sorted(self.files.items())}}
 
 
+class _Lazy(Sequence):
+    """``fn(0) .. fn(n - 1)`` as a sequence made on demand (a slice is a list): what :func:`_map_ordered` walks
+    block by block, so a job list of N files is never held whole."""
+
+    def __init__(self, n: int, fn: Callable[[int], Any]) -> None:
+        self.n, self.fn = n, fn
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204
+        if isinstance(i, slice):
+            return [self.fn(j) for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.fn(i % self.n)
+
+
+@dataclass
+class _FileTable:
+    """The files of a source, packed: relative paths in one byte string with end offsets, class indices, and each
+    file's header (format, mode) as codes into small tables -- a few dozen bytes per file, where a list of
+    ``(Path, int)`` and a header tuple per file held about a kilobyte."""
+
+    names: bytearray = field(default_factory=bytearray)
+    ends: array = field(default_factory=lambda: array("q"))
+    labels: array = field(default_factory=lambda: array("q"))
+    fmt: bytearray = field(default_factory=bytearray)  # code into kinds; 0 = not read or unreadable
+    mode: bytearray = field(default_factory=bytearray)
+    kinds: list[str] = field(default_factory=lambda: [""])  # code -> format or mode name (code 0 unused)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def add(self, rel: str, label: int) -> None:
+        self.names += os.fsencode(rel)
+        self.ends.append(len(self.names))
+        self.labels.append(label)
+
+    def rel(self, i: int) -> str:
+        return os.fsdecode(bytes(self.names[self.ends[i - 1] if i else 0:self.ends[i]]))
+
+    def code(self, name: str) -> int:
+        if name not in self.kinds:
+            if len(self.kinds) == 256:
+                raise ShardSourceError(f"more than 255 distinct image formats and modes ({name!r}); not an image set")
+            self.kinds.append(name)
+        return self.kinds.index(name)
+
+    def set_head(self, head: tuple[str, str] | None) -> None:
+        """Append file i's header, in file order (``None``: unreadable)."""
+        self.fmt.append(0 if head is None else self.code(head[0]))
+        self.mode.append(0 if head is None else self.code(head[1]))
+
+    def head(self, i: int) -> tuple[str, str] | None:
+        if i >= len(self.mode) or self.mode[i] == 0:
+            return None
+        return self.kinds[self.fmt[i]], self.kinds[self.mode[i]]
+
+
 @dataclass
 class ImageFolderSource:
-    """An image-folder tree ``root/<class>/**/<image>`` scanned into a list of files.
+    """An image-folder tree ``root/<class>/**/<image>`` scanned into a table of files.
 
     Class names are the sorted sub-folder names of ``root`` (index = position), or a given
     list (:meth:`scan` ``classes=``, e.g. the train set's, so a val set gets the same indices by
     name). :meth:`scan_labelled` reads a flat folder whose classes come from a label file.
-    Files with an image suffix are found recursively (sorted; hidden files and
-    other suffixes ignored) and their headers read once to learn format, mode and
-    size. A file whose header PIL cannot read stays in :attr:`files` (so it
+    Files with an image suffix are found recursively, one folder at a time (each folder's files
+    sorted, then its sub-folders sorted, recursively: the order of a sorted ``os.walk``; hidden
+    entries and other suffixes ignored), and their headers read once to learn format, mode and
+    size; per file only a packed path, class index and header codes are kept (:class:`_FileTable`),
+    so memory grows by a few dozen bytes per file. A file whose header PIL cannot read stays listed (so it
     belongs to exactly one split) but is marked bad, warned about once
     (:class:`ShardWarning`) and counted as skipped by :meth:`samples`; files that
     fail to decode there are skipped and counted the same way. Pixels are only
@@ -505,13 +568,19 @@ class ImageFolderSource:
     root: Path
     image_size: int | None = None
     classes: list[str] = field(default_factory=list)
-    files: list[tuple[Path, int]] = field(default_factory=list)
+    table: _FileTable = field(default_factory=_FileTable)  # every listed file: path, class, header
     bad: set[int] = field(default_factory=set)
     channels: int = 3
     image_ext: str = "png"
     native_size: list[int] | None = None
-    heads: list[tuple[str, str] | None] = field(default_factory=list)  # (format, mode) per file; None if bad
-    left_out: dict[str, list[str]] = field(default_factory=dict)  # kind -> names not listed in files
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # kind -> names not listed
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def path(self, i: int) -> Path:
+        """File ``i`` (as the listing found it: ``root`` / its relative path)."""
+        return self.root / self.table.rel(i)
 
     @classmethod
     def scan(
@@ -546,14 +615,15 @@ class ImageFolderSource:
         src = cls(root=root, image_size=image_size, classes=names)
         for cdir in class_dirs:
             ci = index.get(cdir.name)
-            found = [Path(dp) / f for dp, dns, fns in _walk(cdir) for f in fns]
             if ci is None:
+                found = list(_list_images(cdir, cdir.name + os.sep))
                 if found:
-                    src.left_out.setdefault("other_class", []).extend(str(f.relative_to(root)) for f in found)
+                    src.left_out.setdefault("other_class", []).extend(found)
                     warnings.warn(f"class folder {cdir} is not among the {len(names)} classes; its {len(found)} "
                                   f"images are left out", ShardWarning, stacklevel=2)
                 continue
-            src.files.extend((f, ci) for f in found)
+            for rel in _list_images(cdir, cdir.name + os.sep):
+                src.table.add(rel, ci)
         src._inspect(workers, [root / n for n in names if (root / n).is_dir()] if classes is None else
                      [root / n for n in names])
         return src
@@ -572,16 +642,18 @@ class ImageFolderSource:
         root = Path(root)
         index = {str(n): i for i, n in enumerate(classes)}
         src = cls(root=root, image_size=image_size, classes=[str(c) for c in classes])
-        for path in sorted(root.iterdir()):
-            if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            name = labels.get(path.stem)
+        with os.scandir(root) as entries:  # one folder: its names sorted (as sorted(root.iterdir()) gave them)
+            files = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file()
+                           and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
+        for fname in files:
+            name = labels.get(Path(fname).stem)
             if name is None:
-                src.left_out.setdefault("unlabelled", []).append(path.name)
+                src.left_out.setdefault("unlabelled", []).append(fname)
             elif name not in index:
-                src.left_out.setdefault("other_class", []).append(path.name)
+                src.left_out.setdefault("other_class", []).append(fname)
             else:
-                src.files.append((path, index[name]))
+                src.table.add(fname, index[name])
+        del files
         for kind, what in (("unlabelled", "have no label"), ("other_class", "are labelled with a class outside the set's")):
             got = src.left_out.get(kind, [])
             if got:
@@ -592,27 +664,27 @@ class ImageFolderSource:
         return src
 
     def _inspect(self, workers: int, class_dirs: Sequence[Path]) -> None:
-        """Read every header; set ``bad``, ``heads``, ``channels``, ``image_ext`` and ``native_size``."""
+        """Read every header; set ``bad``, the headers in ``table``, ``channels``, ``image_ext`` and ``native_size``."""
         sizes: set[tuple[int, int]] = set()
         modes: set[str] = set()
         jpegs = readable = 0
         found = [0] * len(self.classes)
-        self.heads = []
-        for i, head in enumerate(_map_ordered(_read_header, [p for p, _ in self.files], workers, threads=True)):
+        self.table.fmt, self.table.mode = bytearray(), bytearray()
+        for i, head in enumerate(_map_ordered(_read_header, _Lazy(len(self), self.path), workers, threads=True)):
             if isinstance(head, BaseException):  # warned in file order, whatever order the threads ran in
                 self.bad.add(i)
-                self.heads.append(None)
-                _warn_skip(self.files[i][0], head)
+                self.table.set_head(None)
+                _warn_skip(self.path(i), head)
                 continue
             fmt, mode, (w, h) = head
-            self.heads.append((fmt, mode))
+            self.table.set_head((fmt, mode))
             readable += 1
             jpegs += fmt == "JPEG"
             sizes.add((h, w))
             modes.add(mode)
-            found[self.files[i][1]] += 1
+            found[self.table.labels[i]] += 1
         if readable == 0:
-            what = "readable images" if self.files else "images"
+            what = "readable images" if len(self) else "images"
             where = "in its class folders" if class_dirs else "in it"
             raise ShardSourceError(
                 f"no {what} under {self.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} {where})"
@@ -634,11 +706,11 @@ class ImageFolderSource:
     @property
     def labels(self) -> np.ndarray:
         """Class index of every scanned file (readable or not), in file order."""
-        return np.array([c for _, c in self.files], dtype=np.int64)
+        return np.frombuffer(self.table.labels, dtype=np.int64).copy()
 
     def _quirk(self, i: int) -> str | None:
         """What :func:`_encode_image` does to readable file ``i`` beyond copying or plain re-encoding."""
-        head = self.heads[i] if i < len(self.heads) else None
+        head = self.table.head(i)
         if head is None:
             return None
         fmt, mode = head
@@ -669,16 +741,15 @@ class ImageFolderSource:
         """
         prefix = sanitize_key_prefix(key_prefix or self.root.resolve().name)
         counter = skipped if skipped is not None else SkipCounter()
-        n = len(self.files)
+        n = len(self)
         width = max(6, len(str(max(n - 1, 0))))
         want_mode = "L" if self.channels == 1 else "RGB"
-        order = [int(i) for i in (range(n) if indices is None else indices)]
-        todo = [i for i in order if i not in self.bad]
-        jobs = [(str(self.files[i][0]), want_mode, self.image_ext, self.image_size) for i in todo]
+        order = np.arange(n, dtype=np.int64) if indices is None else np.fromiter(map(int, indices), dtype=np.int64)
+        todo = order[~np.isin(order, np.fromiter(self.bad, dtype=np.int64, count=len(self.bad)))]
+        jobs = _Lazy(len(todo), lambda j: (str(self.path(int(todo[j]))), want_mode, self.image_ext, self.image_size))
         encoded = iter(_map_ordered(_encode_image, jobs, workers, threads=False))
-        for i in order:
-            path, cls = self.files[i]
-            name = str(path.relative_to(self.root))
+        for i in map(int, order):
+            path, cls, name = self.path(i), int(self.table.labels[i]), self.table.rel(i)
             if i in self.bad:
                 counter.n += 1
                 counter.log("unreadable", name)
@@ -696,12 +767,30 @@ class ImageFolderSource:
             yield f"{prefix}-{i:0{width}d}", data, self.image_ext, cls
 
 
-def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk`` of a class folder, sorted, hidden entries and non-image files left out."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield dirpath, dirnames, [f for f in sorted(filenames)
-                                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+def _list_images(folder: Path, rel: str) -> Iterator[str]:
+    """``rel`` + the relative path of every image file under ``folder``, one folder listed at a time: its files
+    (sorted), then each sub-folder (sorted), recursively, following links -- the order of a sorted
+    ``os.walk(folder, followlinks=True)``; hidden entries and other suffixes left out, an unreadable folder
+    skipped (as ``os.walk`` does). Only one folder's names are held at once."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e.name, _is_dir(e)) for e in it if not e.name.startswith("."))
+    except OSError:
+        return
+    dirs = [name for name, is_dir in entries if is_dir]
+    files = [rel + name for name, is_dir in entries if not is_dir and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    del entries
+    yield from files
+    del files
+    for d in dirs:
+        yield from _list_images(folder / d, rel + d + os.sep)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _read_header(path: Path) -> tuple[str, str, tuple[int, int]] | BaseException:
