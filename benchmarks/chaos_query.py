@@ -35,7 +35,7 @@ its wait status; torchrun's agent: exit -9; a torchrun worker: gone from ``/proc
 single-rank kill torchrun's own report of ``Signal 9``), every process of the launch (the agent,
 the ranks and their descendants, found by parent links through ``/proc``: torchrun starts its
 workers in sessions of their own) is gone before the next launch, and the phase had not finished
-(no ``query_phase.json``). Only proven kills count towards ``--kills``; ``kills_cache_partial``
+(no readable ``query_phase.json``). Only proven kills count towards ``--kills``; ``kills_cache_partial``
 counts those after which fewer images were cached than the run needs, ``window_kills`` those that
 left images charged but not cached (the window that cost 10-20 re-paid images per kill before the
 victim kept answers with their charges).
@@ -358,6 +358,16 @@ def cache_bytes(run: Path) -> dict[str, bytes]:
     return out
 
 
+def phase_done(run: Path) -> bool:
+    """Whether the query phase finished: rank 0 wrote ``query_phase.json`` (readable: its write is
+    not atomic, a kill in it leaves a torn file and the next launch writes it again)."""
+    try:
+        json.loads((run / "query_phase.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -404,13 +414,14 @@ def kill_launch(p: Launch, rank_index: int | None, timeout: float = 120.0) -> di
             _kill(everything)
     p.wait(30)
     _assert_gone(everything, 30)
+    unproven = ""  # empty when each killed process is seen to have ended by SIGKILL
     if p.agent is None:  # forked ranks (or one fresh interpreter): their wait status says how they ended
         codes = {h.pid: h.returncode for h in p.handles}
         if any(codes[pid] != -signal.SIGKILL for pid in targets if pid in codes):
-            raise AssertionError(f"a killed rank did not end by SIGKILL: {codes}")
+            unproven = f"a killed rank did not end by SIGKILL: {codes}"
     elif rank_index is None and p.agent.returncode != -signal.SIGKILL:
-        raise AssertionError(f"torchrun's agent did not end by SIGKILL: exit {p.agent.returncode}")
-    return {"targets": targets, "processes": everything, "survivor_killed": survivor_killed,
+        unproven = f"torchrun's agent did not end by SIGKILL: exit {p.agent.returncode}"
+    return {"targets": targets, "processes": everything, "survivor_killed": survivor_killed, "unproven": unproven,
             "ranks": [r for r in ranks if r in targets],
             "codes": [h.returncode for h in ([p.agent] if p.agent is not None else p.handles)]}
 
@@ -500,11 +511,14 @@ def chaos(a: argparse.Namespace, nproc: int, kills: int, rng: random.Random) -> 
                 which = stopped_rank if stopped_rank is not None else rng.randrange(nproc)
             killed = kill_launch(p, which)
             paid, have = spent(run), cached(run)
-            unfinished = not (run / "query_phase.json").exists()
-            if not unfinished:  # the phase completed before the kill landed: the trial is judged as finished
-                log(f"[{nproc} proc] trial {row['trials']}: the phase finished before the SIGKILL ({aim}); not counted")
+            unfinished = not phase_done(run)
+            if not unfinished:  # the phase completed (or the launch ended) before the kill landed: judged as finished
+                log(f"[{nproc} proc] trial {row['trials']}: the phase finished before the SIGKILL ({aim}; launch exits "
+                    f"{killed['codes']}); not counted, judged by its ledger and cache")
                 after_phase = True
                 break
+            if killed["unproven"]:  # the phase unfinished, yet a process it was aimed at did not die by it
+                raise AssertionError(f"{run.name}: {killed['unproven']}")
             tail = _log_tail(log_path, log0)
             if kind == "torchrun" and which is not None and f"Signal 9 (SIGKILL) received by PID {killed['targets'][0]}" not in tail:
                 raise AssertionError(f"torchrun did not report the SIGKILL of worker {killed['targets'][0]}: {tail[-1500:]}")
