@@ -25,3 +25,25 @@ def tiny_steal_assets(root, sizes, image_size: int = 16):
     victim = root / "victim.pth.tar"
     save_simsiam_checkpoint(model, victim, epoch=0, arch="resnet18", extra={"image_size": image_size})
     return root, victim
+
+
+class Died(BaseException):
+    """A simulated death of the process: not an Exception, so nothing on the way may swallow it, like a kill."""
+
+
+def die_at_cache_write(monkeypatch, cached: int) -> list[int]:
+    """The steal's query phase dies at its cache write after ``cached`` batches are cached: that batch's
+    charge is committed, its answers never reach the cache (the window a SIGKILL hits). Raises :class:`Died`
+    there; returns the sizes of the batches cached before (``monkeypatch.undo()`` restores the writer)."""
+    import stealer.steal as steal
+
+    real, written = steal._cache_batch, []
+
+    def dying(cache, keys, *rest):
+        if len(written) == cached:
+            raise Died()
+        written.append(len(keys))
+        return real(cache, keys, *rest)
+
+    monkeypatch.setattr(steal, "_cache_batch", dying)
+    return written

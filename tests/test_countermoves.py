@@ -142,12 +142,13 @@ def data(tmp_path_factory):
     return root / "data"
 
 
-def test_repeat_average_query_phase_dies_after_paying_and_resumes_without_repaying(tmp_path, data):
+def test_repeat_average_query_phase_dies_after_paying_and_resumes_without_repaying(tmp_path, data, monkeypatch):
     """The steal's query phase through RepeatAverage: its batches are journaled and bought under keys; the
     process 'dies' after batch 3 is paid and before it is cached; the rerun reads that mean back
     (ResponseCache.recover_paid through RepeatAverage.answer), pays exactly R x images in all, and its cache is
     byte-equal to an uninterrupted run's."""
-    import stealer.steal as steal
+    from conftest import Died, die_at_cache_write
+
     from stealer.config import load_config
     from stealer.steal import StealConfig, run_query_phase
 
@@ -160,23 +161,10 @@ def test_repeat_average_query_phase_dies_after_paying_and_resumes_without_repayi
     assert ref["queries_sent"] == 64 and ref_api.ledger.spent("attacker") == 128  # images sent, copies charged
 
     api = _api(tmp_path / "cut_state", [])
-    real, written = steal._cache_batch, []
-
-    class Died(BaseException):  # nothing on the way may swallow it, like a kill
-        pass
-
-    def dies_at_third(cache, keys, *rest):
-        if len(written) == 2:
-            raise Died()
-        written.append(len(keys))
-        return real(cache, keys, *rest)
-
-    steal._cache_batch = dies_at_third
-    try:
-        with pytest.raises(Died):
-            run_query_phase(cfg("cut"), RepeatAverage(api, 2), None)
-    finally:
-        steal._cache_batch = real
+    die_at_cache_write(monkeypatch, 2)  # batch 3 is paid, its cache write never happens
+    with pytest.raises(Died):
+        run_query_phase(cfg("cut"), RepeatAverage(api, 2), None)
+    monkeypatch.undo()
     paid = api.ledger.spent("attacker")
     assert paid >= 3 * 16 * 2 and len(list((tmp_path / "cut" / "cache").glob("resp-*.tar"))) == 2  # batch 3 paid, not cached
     out = run_query_phase(cfg("cut"), RepeatAverage(api, 2), None)

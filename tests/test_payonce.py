@@ -3,7 +3,7 @@ transaction) under an idempotency key, and the query phase reads paid-but-uncach
 instead of buying them again — also after SIGKILLs of 1 and 2 processes (benchmarks/chaos_query.py)."""
 from __future__ import annotations
 
-from conftest import free_port, tiny_steal_assets
+from conftest import Died, die_at_cache_write, free_port, tiny_steal_assets
 
 import json
 import os
@@ -99,7 +99,6 @@ def _cache_files(run: Path) -> dict[str, bytes]:
 def test_answers_paid_but_not_cached_are_read_back_not_bought(setup, tmp_path, monkeypatch, attack):
     """The window the SIGKILLs hit, made deterministic: batch 3's charge commits, its cache write
     never happens (the process 'dies'); the rerun buys nothing twice and the cache is byte-equal."""
-    import stealer.steal as steal
     from launch.common import build_victim_api
     from stealer.steal import run_query_phase
 
@@ -111,22 +110,10 @@ def test_answers_paid_but_not_cached_are_read_back_not_bought(setup, tmp_path, m
 
     cfg = _cfg(root, victim, tmp_path, "cut", *views, f"victim.budget={budget}")
     api = build_victim_api(cfg.victim, cfg.run_dir)
-    real = steal._cache_batch
-    written: list[int] = []
-
-    class Died(BaseException):  # not an Exception: nothing on the way may swallow it, like a kill
-        pass
-
-    def dies_at_third(cache, keys, *rest):
-        if len(written) == 2:
-            raise Died()
-        written.append(len(keys))
-        return real(cache, keys, *rest)
-
-    monkeypatch.setattr(steal, "_cache_batch", dies_at_third)
+    die_at_cache_write(monkeypatch, 2)  # batch 3's charge commits, its cache write never happens
     with pytest.raises(Died):
         run_query_phase(cfg, api, None)
-    monkeypatch.setattr(steal, "_cache_batch", real)
+    monkeypatch.undo()
     per = budget // 96
     paid, cached = api.ledger.spent("attacker"), len(_cache_files(cfg.run_dir)) // 2
     assert cached == 2 and paid >= 3 * 16 * per  # really partial: batch 3 (at least) paid and not cached
