@@ -45,7 +45,8 @@ selection order by reading each chosen image from there. Computed features are h
 many rows (``numpy.random.default_rng([seed, 11])``) -- k-means, the candidate ranking and farthest-point
 sampling all on the subsample, and ``coverage_radius`` / ``mean_nn_distance`` measured over it -- recorded
 as ``"approximation": {"subsample", "pool", "feature_budget"}`` in the selection block. Farthest-point
-sampling costs ``n x m x D`` operations, so the budget bounds its time as well as its memory.
+sampling costs ``n x m x D`` operations, so the budget bounds its time as well as its memory; the peak is
+about 2.5 budgets (k-means copies the rows, farthest-point sampling copies its candidates).
 :func:`read_pool` still returns a whole (small) pool in memory, for callers that want the images.
 
 ``photo_patches`` is a second query *source* for the default data: grey 32 x 32 crops of the two
@@ -149,8 +150,8 @@ class PoolScan:
                 a = np.fromfile(f, dtype=np.float32, count=rows * self.dim)
                 yield a.reshape(-1, self.dim).astype(np.float64)
 
-    def feature_rows(self, rows: np.ndarray, max_bytes: int = 64 << 20) -> np.ndarray:
-        """Features of the pool rows ``rows`` (any order, no repeats needed), float64 ``[len(rows), dim]``."""
+    def feature_rows(self, rows: np.ndarray, max_bytes: int = 4 << 20) -> np.ndarray:
+        """Features of the pool rows ``rows`` (any order), float64 ``[len(rows), dim]``, read ``max_bytes`` at a time."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim), dtype=np.float64)
         order = np.argsort(rows, kind="stable")

@@ -237,3 +237,38 @@ def test_blocked_farthest_point_update_is_the_same_order(monkeypatch, block):
     for n, centres, spread in [(30, 3, 1.0), (20, 2, 0.3), (12, 4, 0.0)]:
         assert coverage_order(feats, n, centres=centres, spread=spread, seed=1).tolist() == \
             _fps_reference(feats, n, centres, spread, 1).tolist()
+
+
+def test_scale_benchmark_selection_phases(tmp_path):
+    """benchmarks/scale.py's select and select_cov phases run on their pool, each in its own process; with a
+    feature budget below the pool the coverage phase selects on the subsample (its rows differ from the run's)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    p = subprocess.run([sys.executable, str(repo / "benchmarks" / "scale.py"), "--n", "100,400", "--phases",
+                        "select,select_cov", "--cov-n", "20", "--feature-budget-mib", str(8 * 64 * 200 / 2**20),
+                        "--work", str(tmp_path / "w"), "--json", str(tmp_path / "s.json")],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert [(r["phase"], r["n"]) for r in rows] == [(ph, n) for n in (100, 400) for ph in ("select", "select_cov")]
+    assert all(r["seconds"] > 0 and r["peak_rss_mib"] > 20 for r in rows)
+    sel = {n: json.loads((tmp_path / "w" / f"n{n}" / "selected_cov" / "manifest.json").read_text())["selection"]
+           for n in (100, 400)}
+    assert sel[100]["n"] == 10 and "approximation" not in sel[100]  # min(cov-n, N/10); 100 rows fit the budget
+    assert sel[400]["n"] == 20 and sel[400]["approximation"]["subsample"] == 200
+
+
+def test_scan_features_file_reads_back_in_any_chunking(damaged_pool, tmp_path):
+    scan = scan_pool(damaged_pool, "pixels", 0, tmp_path / "f.bin")
+    want = pool_features(read_pool(damaged_pool)["images"], "pixels", 0)
+    assert scan.dim == 64 and (tmp_path / "f.bin").stat().st_size == 4 * 64 * len(scan)
+    rows = np.random.default_rng(0).permutation(len(scan))[:17]
+    for max_bytes in (1, 8 * 64 * 5, 4 << 20):  # a row, 5 rows, everything per read
+        assert np.array_equal(scan.feature_rows(rows, max_bytes=max_bytes), want[rows])
+    assert np.array_equal(np.concatenate(list(scan.feature_chunks(7))), want)
