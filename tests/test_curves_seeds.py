@@ -147,7 +147,7 @@ def test_seeded_curves_choose_lr_on_validation_and_run_controls(seeded):
     assert again["stolen"] == 0 and again["probed"] == 0
 
 
-@pytest.mark.parametrize("name,rows,select", [("curves_seeds.yaml", 18, 3), ("curves_attacks_seeds.yaml", 90, 18)])
+@pytest.mark.parametrize("name,rows,select", [("curves_seeds.yaml", 60, 12), ("curves_attacks_seeds.yaml", 90, 18)])
 def test_shipped_seeded_configs_plan(name, rows, select):
     repo = Path(__file__).resolve().parents[1]
     c = load_config(CurvesConfig, repo / "launch" / "configs" / name)
