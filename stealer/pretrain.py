@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from stealer.augment import AugmentConfig, augment, batch_generator, normalize
-from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Momentum, NonNegFloat, PositiveFloat, PositiveInt, ShardTrainHeader, setting,
-                            to_dict)
+from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Momentum, NonNegFloat, PositiveFloat, PositiveInt, ShardTrainHeader,
+                            own_default, setting, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
@@ -41,27 +41,30 @@ class VictimModelConfig(BackboneConfig):
 
 @dataclass
 class WatermarkConfig:
-    enabled: bool = False  # train the rotation-prediction watermark task (ICML'22) alongside SimSiam
-    data: str = ""  # shard folder of the watermark set ('' = the first `size` images of train_data)
-    size: PositiveInt = 512  # images in the watermark set
-    batch_size: PositiveInt = 32  # watermark images per step (x4 rotations), appended to the first view
-    weight: NonNegFloat = 1.0  # weight of the rotation loss
-    hidden: PositiveInt = 256  # hidden width of the rotation head
+    enabled: bool = setting(False, "train the rotation-prediction watermark task (ICML'22) alongside SimSiam")
+    data: str = setting("", "shard folder of the watermark set ('' = the first `size` images of train_data)")
+    size: PositiveInt = setting(512, "images in the watermark set")
+    batch_size: PositiveInt = setting(32, "watermark images per step (x4 rotations), appended to the first view")
+    weight: NonNegFloat = setting(1.0, "weight of the rotation loss")
+    hidden: PositiveInt = setting(256, "hidden width of the rotation head")
 
 
 @dataclass
 class VictimTrainConfig(ShardTrainHeader):
-    name: str = setting("victim", "run name: everything is written to <out_dir>/<name>")
+    """SimSiam victim pre-training: the shared header and training shards (:class:`stealer.config.ShardTrainHeader`),
+    the model, the watermark task, the views and the SGD recipe."""
+
+    name: str = own_default("name", "victim")
     model: VictimModelConfig = field(default_factory=VictimModelConfig)
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: PositiveInt = 40
-    batch_size: PositiveInt = 256  # per rank
-    lr: PositiveFloat = 0.05  # base lr, scaled by global batch / 256 (SimSiam)
-    weight_decay: NonNegFloat = 1e-4
-    momentum: Momentum = 0.9
-    fix_pred_lr: bool = True
-    warmup_epochs: NonNegFloat = 0.0
+    epochs: PositiveInt = setting(40, "passes over train_data")
+    batch_size: PositiveInt = setting(256, "images per step, per rank")
+    lr: PositiveFloat = setting(0.05, "base learning rate, scaled by global batch / 256 (SimSiam); cosine decay")
+    weight_decay: NonNegFloat = setting(1e-4, "weight decay (none on biases and norm weights)")
+    momentum: Momentum = setting(0.9, "SGD momentum")
+    fix_pred_lr: bool = setting(True, "keep the predictor at the constant (batch-scaled) learning rate, no warmup or decay (the official recipe)")
+    warmup_epochs: NonNegFloat = setting(0.0, "linear warmup of the learning rate, in epochs")
 
 
 # what may differ between a checkpoint's run and the run resuming it (bookkeeping and speed)

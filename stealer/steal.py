@@ -24,15 +24,16 @@ from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from stealer.attacks import EncoderAttackConfig, StepContext, get_attack, steal_step
 from stealer.cache import ResponseCache
-from stealer.config import (Channels, ConfigError, Fraction, MixedPrecision, Momentum, NonNegFloat, NonNegInt, OneOf,
-                            PositiveFloat, PositiveInt, check_victim_preprocess, choice, save_config, to_dict)
+from stealer.config import (BackboneConfig, Channels, ConfigError, Fraction, JobHeader, MixedPrecision, Momentum, NonNegFloat,
+                            NonNegInt, OneOf, PositiveFloat, PositiveInt, check_victim_preprocess, choice, own_default,
+                            save_config, setting, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.jsonsafe import dumps as json_dumps
@@ -57,14 +58,14 @@ class QueryTarget(Protocol):
 
 @dataclass
 class DataConfig:
-    query: str = "runs/demo/data/animal_mnist/query"  # shard folder of the attacker's query images
-    image_size: PositiveInt = 32
-    channels: Channels = 1
-    workers: NonNegInt = 0  # DataLoader processes per rank (0 = decode in the training process)
-    shuffle_buffer: NonNegInt = 1000
-    # where images are decoded: cpu (PIL, in the loader workers) | device (JPEGs by nvJPEG on the GPU, in
-    # batches; other formats by PIL in the main process; see stealer/device_decode.py)
-    decode: Annotated[str, OneOf("cpu", "device")] = "cpu"
+    query: str = setting("runs/demo/data/animal_mnist/query", "shard folder of the attacker's query images")
+    image_size: PositiveInt = setting(32, "images are resized (shorter side) and centre-cropped to this size")
+    channels: Channels = setting(1, "1 (grey) or 3 (RGB): what the images are decoded to")
+    workers: NonNegInt = setting(0, "loader worker processes per rank (0: decode in the training process)")
+    shuffle_buffer: NonNegInt = setting(1000, "samples the train phase's stream shuffles among (0 or 1: none)")
+    decode: Annotated[str, OneOf("cpu", "device")] = setting(
+        "cpu", "where images are decoded: cpu (PIL, in the loader workers) or device (JPEGs by nvJPEG on the GPU, in "
+               "batches; other formats by PIL in the main process; see stealer/device_decode.py)")
 
     def validate(self) -> None:
         if self.channels not in (1, 3):
@@ -74,31 +75,33 @@ class DataConfig:
 
 @dataclass
 class VictimConfig:
-    checkpoint: str = "runs/demo/victim/checkpoint.pth.tar"  # official SimSiam format
-    arch: str = ""  # '' = read from the checkpoint
-    representation: Annotated[str, OneOf("backbone", "projector")] = "backbone"  # pooled features (ICML'22) | projector
-    user: str = "attacker"
-    budget: NonNegInt | None = None  # queries this user may spend (None = unlimited)
-    state_dir: str = ""  # where the victim keeps its ledger ('' = <run>/victim_state)
-    random_init: bool = False  # the skeptic's control: a random-init victim of the same arch
-    # the defender's chain, e.g. [{name: noise, sigma: 0.1}] (see victims/defenses; in-process victim only)
-    defenses: list[Any] = field(default_factory=list)
-    url: str = ""  # query a victim server (launch/serve.py) over HTTP instead of in-process
-    api_key_file: str = ""  # file holding the API key for url
-    max_retries: NonNegInt = 8  # HTTP retries (exponential backoff with jitter, honouring Retry-After)
-    # the in-process victim's forward: auto (bf16 on GPUs that have it, fp16 on others, fp32 on CPU) | fp32 | bf16 | fp16
-    precision: Annotated[str, OneOf("auto", "fp32", "bf16", "fp16")] = "auto"
-    # how the victim reads images: auto (the checkpoint's own sslsteal record, else ImageNet's eval transform
-    # Resize 256 + CenterCrop 224 + ImageNet mean/std, said in one line) | imagenet = simsiam = mocov3 | simclr
-    # (Resize 256 + CenterCrop 256, unnormalised, as simclr-converter) | project (the record) | none (images / 255
-    # as they come); see victims/preprocess.py. Over HTTP the server decides
-    # (launch/serve.py --preprocess); a declared choice must agree with it. The keys below override the preset.
-    preprocess: str = "auto"
-    mean: list[float] | float | None = None  # per channel, on images / 255
-    std: list[float] | float | None = None
-    resize: NonNegInt | None = None  # shorter side resized to this before the crop (0 = no resize)
-    crop: NonNegInt | None = None  # centre crop (0 = none)
-    interpolation: str = ""  # of the resize: bilinear | bicubic | nearest ('' = the preset's)
+    checkpoint: str = setting("runs/demo/victim/checkpoint.pth.tar", "the victim's checkpoint (official SimSiam format)")
+    arch: str = setting("", "the victim's backbone ('' = read from the checkpoint)")
+    representation: Annotated[str, OneOf("backbone", "projector")] = setting(
+        "backbone", "what the victim answers: backbone (pooled features, as ICML'22) or projector")
+    user: str = setting("attacker", "the account the queries are charged to")
+    budget: NonNegInt | None = setting(None, "queries this user may spend (None = unlimited)")
+    state_dir: str = setting("", "where the victim keeps its ledger ('' = <run>/victim_state)")
+    random_init: bool = setting(False, "the skeptic's control: a random-init victim of the same arch")
+    defenses: list[Any] = setting(help="the defender's chain, e.g. [{name: noise, sigma: 0.1}] (see victims/defenses; "
+                                       "in-process victim only)", factory=list)
+    url: str = setting("", "query a victim server (launch/serve.py) over HTTP instead of in-process")
+    api_key_file: str = setting("", "file holding the API key for url")
+    max_retries: NonNegInt = setting(8, "HTTP retries (exponential backoff with jitter, honouring Retry-After)")
+    precision: Annotated[str, OneOf("auto", "fp32", "bf16", "fp16")] = setting(
+        "auto", "the in-process victim's forward: auto (bf16 on GPUs that have it, fp16 on others, fp32 on the CPU), "
+                "fp32, bf16 or fp16")
+    preprocess: str = setting(
+        "auto", "how the victim reads images: auto (the checkpoint's own sslsteal record, else ImageNet's eval "
+                "transform Resize 256 + CenterCrop 224 + ImageNet mean/std, said in one line) | imagenet = simsiam = "
+                "mocov3 | simclr (Resize 256 + CenterCrop 256, unnormalised, as simclr-converter) | project (the "
+                "record) | none (images / 255 as they come); see victims/preprocess.py. Over HTTP the server decides "
+                "(launch/serve.py --preprocess); a declared choice must agree with it. The keys below override the preset")
+    mean: list[float] | float | None = setting(None, "normalisation mean per channel, on images / 255 (None = the preset's)")
+    std: list[float] | float | None = setting(None, "normalisation std per channel, on images / 255 (None = the preset's)")
+    resize: NonNegInt | None = setting(None, "shorter side resized to this before the crop (0 = no resize; None = the preset's)")
+    crop: NonNegInt | None = setting(None, "centre crop (0 = none; None = the preset's)")
+    interpolation: str = setting("", "of the resize: bilinear | bicubic | nearest ('' = the preset's)")
 
     def validate(self) -> None:
         choice("victim.representation", self.representation, ["backbone", "projector"])
@@ -113,53 +116,46 @@ class VictimConfig:
 
 @dataclass
 class QueryConfig:
-    num_queries: PositiveInt | None = None  # query only the first N images of the query set (None = all)
-    batch_size: PositiveInt = 256
-    dtype: Annotated[str, OneOf("float32", "float16")] = "float32"  # how responses are cached
+    num_queries: PositiveInt | None = setting(None, "query only the first N images of the query set (None = all)")
+    batch_size: PositiveInt = setting(256, "images per victim query (per rank)")
+    dtype: Annotated[str, OneOf("float32", "float16")] = setting("float32", "how responses are cached")
 
     def validate(self) -> None:
         choice("query.dtype", self.dtype, ["float32", "float16"])
 
 
 @dataclass
-class StudentConfig:
-    arch: str = "resnet18"  # a victims.backbones name or timm:<model>
-    width: PositiveInt = 32
-    stem: str = "small"
+class StudentConfig(BackboneConfig):
+    """The student's backbone: the shared ``arch``/``width``/``stem`` keys (:class:`stealer.config.BackboneConfig`,
+    with its defaults, ranges and help) under ``student.``."""
 
-    def validate(self) -> None:
-        from victims.backbones import BACKBONES, STEMS
-
-        if not self.arch.startswith("timm:"):
-            choice("student.arch", self.arch, list(BACKBONES) + ["timm:<model name>"])
-            choice("student.stem", self.stem, list(STEMS))
+    SECTION: ClassVar[str] = "student"
 
 
 @dataclass
 class TrainConfig:
-    loss: str = "infonce"
-    # None: the loss's own default (stealer.losses.default_temperature: softnn 100, soft_ce 1, every other loss 0.2)
-    temperature: PositiveFloat | None = None
-    loss_args: Any = field(default_factory=dict)  # extra keyword arguments of the loss, e.g. {temperature: 100} for softnn
-    epochs: PositiveInt = 30
-    batch_size: PositiveInt = 256  # per rank
-    optimizer: str = "lars"
-    lr: PositiveFloat = 1.0
-    weight_decay: NonNegFloat = 1e-6
-    momentum: Momentum = 0.9
-    warmup_epochs: NonNegFloat = 2.0
-    final_lr_fraction: Fraction = 0.0
-    augment: bool = True  # augment the student's view of each query image
-    mixed_precision: MixedPrecision = "auto"  # auto: bf16 on GPUs that have it, else fp16; none on CPU
-    channels_last: bool = False  # NHWC memory format for the student (faster convs on GPUs)
-    compile: bool = False  # torch.compile the student
-    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm) when several processes train
-    # the fused (single-kernel) step of sgd/adamw: auto (on a GPU) | true | false; lars has no fused form
-    fused: Any = "auto"
-    drop_last: bool = False
-    ckpt_every: PositiveInt = 200  # steps
-    keep: NonNegInt = 2  # checkpoints kept (0 = all)
-    log_every: PositiveInt = 10
+    loss: str = setting("infonce", "the training loss: a stealer.losses name (infonce, mse, cosine, softnn, ...)")
+    temperature: PositiveFloat | None = setting(
+        None, "None: the loss's own default (stealer.losses.default_temperature: softnn 100, soft_ce 1, every other loss 0.2)")
+    loss_args: Any = setting(help="extra keyword arguments of the loss, e.g. {temperature: 100} for softnn", factory=dict)
+    epochs: PositiveInt = setting(30, "passes over the cached responses")
+    batch_size: PositiveInt = setting(256, "images per step, per rank")
+    optimizer: str = setting("lars", "a stealer.optim name (lars, sgd, adamw, ...)")
+    lr: PositiveFloat = setting(1.0, "peak learning rate (after warmup; cosine decay to final_lr_fraction of it)")
+    weight_decay: NonNegFloat = setting(1e-6, "weight decay (none on biases and norm weights)")
+    momentum: Momentum = setting(0.9, "optimizer momentum")
+    warmup_epochs: NonNegFloat = setting(2.0, "linear warmup of the learning rate, in epochs")
+    final_lr_fraction: Fraction = setting(0.0, "the cosine schedule ends at lr x this")
+    augment: bool = setting(True, "augment the student's view of each query image")
+    mixed_precision: MixedPrecision = own_default("mixed_precision", "auto")
+    channels_last: bool = setting(False, "NHWC memory format for the student (faster convs on GPUs)")
+    compile: bool = setting(False, "torch.compile the student")
+    sync_bn: bool = setting(False, "BatchNorm statistics over the global batch (SyncBatchNorm) when several processes train")
+    fused: Any = setting("auto", "the fused (single-kernel) step of sgd/adamw: auto (on a GPU) | true | false; lars has no fused form")
+    drop_last: bool = setting(False, "drop each epoch's last, smaller batch")
+    ckpt_every: PositiveInt = own_default("ckpt_every", 200)
+    keep: NonNegInt = setting(2, "checkpoints kept (0 = all)")
+    log_every: PositiveInt = own_default("log_every", 10)
 
     def __post_init__(self) -> None:
         if self.temperature is None and self.loss in LOSSES:
@@ -179,14 +175,15 @@ class TrainConfig:
 
 
 @dataclass
-class StealConfig:
-    name: str = "steal"
-    out_dir: str = "runs"
-    seed: NonNegInt = 0
-    cpu: bool = False  # force CPU even where a GPU is present
-    resume: str = "auto"  # auto | none | a checkpoint path
-    resume_force: bool = False  # resume even from a checkpoint written with other settings (they are listed)
-    phases: list[str] = field(default_factory=lambda: ["query", "train"])
+class StealConfig(JobHeader):
+    """The steal job: the shared header (``name``, ``out_dir``, ``seed``, ``cpu``: :class:`stealer.config.JobHeader`;
+    ``resume``/``resume_force`` with :class:`stealer.config.RunHeader`'s help) and the steal's sections."""
+
+    name: str = own_default("name", "steal")
+    resume: str = own_default("resume", "auto")
+    resume_force: bool = own_default("resume_force", False)
+    phases: list[str] = setting(help="the phases to run: [query, train], [query] or [train]",
+                                factory=lambda: ["query", "train"])
     data: DataConfig = field(default_factory=DataConfig)
     victim: VictimConfig = field(default_factory=VictimConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
@@ -194,16 +191,11 @@ class StealConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     attack: EncoderAttackConfig = field(default_factory=EncoderAttackConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
-
     def validate(self) -> None:
         if not self.phases:
             raise ConfigError("phases=[] runs nothing; set phases=[query,train], [query] or [train]")
         for p in self.phases:
             choice("phases", p, ["query", "train"])
-
 
 FUSED_OPTIMIZERS = ("sgd", "adamw")  # torch's fused steps (CUDA, and CPU in recent releases)
 

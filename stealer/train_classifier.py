@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from stealer.augment import AugmentConfig, augment, batch_generator
 from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Fraction, Momentum, NonNegFloat, PositiveFloat, PositiveInt, Range,
-                            ShardTrainHeader, setting, to_dict)
+                            ShardTrainHeader, own_default, setting, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
@@ -39,19 +39,22 @@ class ClassifierModelConfig(BackboneConfig):
 
 @dataclass
 class ClassifierTrainConfig(ShardTrainHeader):
-    name: str = setting("victim_clf", "run name: everything is written to <out_dir>/<name>")
+    """Supervised classifier victim training: the shared header and training shards
+    (:class:`stealer.config.ShardTrainHeader`), the evaluation set, the model, the views and the SGD recipe."""
+
+    name: str = own_default("name", "victim_clf")
     test_data: str = setting("", "optional labelled shards: accuracy recorded in the checkpoint and result.json")
     mean: Fraction = setting(0.5, "normalisation of images/255, stored in the checkpoint")
     std: PositiveFloat = setting(0.25, "normalisation of images/255, stored in the checkpoint")
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale_min=0.5, jitter_p=0.0))
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 128  # per rank
-    lr: PositiveFloat = 0.1  # base lr, scaled by global batch / 256
-    weight_decay: NonNegFloat = 5e-4
-    momentum: Momentum = 0.9
-    warmup_epochs: NonNegFloat = 0.5
-    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    epochs: PositiveInt = setting(10, "passes over train_data")
+    batch_size: PositiveInt = setting(128, "images per step, per rank")
+    lr: PositiveFloat = setting(0.1, "base learning rate, scaled by global batch / 256; cosine decay")
+    weight_decay: NonNegFloat = setting(5e-4, "weight decay (none on biases and norm weights)")
+    momentum: Momentum = setting(0.9, "SGD momentum")
+    warmup_epochs: NonNegFloat = setting(0.5, "linear warmup of the learning rate, in epochs")
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = setting(0.0, "label smoothing of the cross-entropy")
 
 
 def _classes(shards: Any, where: str) -> list[str]:

@@ -222,7 +222,7 @@ def test_help_shows_declared_ranges() -> None:
     from launch.common import config_help
     from stealer.steal import StealConfig
 
-    lines = config_help(StealConfig)
+    lines = [line.split("  -- ")[0] for line in config_help(StealConfig)]  # each key's help text follows its " -- "
     assert "  train.epochs = 30  (>= 1)" in lines
     assert "  train.momentum = 0.9  (>= 0 and < 1)" in lines
     assert "  data.channels = 1  (one of 1, 3)" in lines
