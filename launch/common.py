@@ -23,18 +23,27 @@ def queries_spent(api: Any, user: str) -> int:
     return int(api.usage()["spent"])
 
 
-def config_help(cls: type, prefix: str = "") -> list[str]:
-    """``key = default`` lines for every leaf of a config dataclass (with its declared range and help text, if any)."""
+def config_help(cls: type, prefix: str = "", section: Any = None) -> list[str]:
+    """``key = default`` lines for every leaf of a config dataclass (with its declared range and help text, if any).
+
+    ``section``: the default object a job's field builds for this section when it differs from ``cls()``
+    (``augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale_min=0.5))``); its own values are
+    shown where they differ."""
     from stealer.config import constraint_text, field_help
 
     lines = []
     hints = typing.get_type_hints(cls, include_extras=True)
+    plain = cls() if section is not None else None
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines += config_help(tp, prefix + f.name + ".")
+            built = (getattr(section, f.name) if section is not None else
+                     f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            lines += config_help(tp, prefix + f.name + ".", built)
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if section is not None and getattr(section, f.name) != getattr(plain, f.name):
+                default = getattr(section, f.name)
             allowed, what = constraint_text(tp), field_help(f)
             lines.append(f"  {prefix}{f.name} = {default!r}" + (f"  ({allowed})" if allowed else "") + (f"  -- {what}" if what else ""))
     return lines
