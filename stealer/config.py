@@ -33,7 +33,8 @@ import yaml
 __all__ = ["ConfigError", "load_config", "read_yaml_mapping", "to_dict", "save_config", "apply_overrides", "choice",
            "Range", "OneOf", "constraint_text", "check_value", "PositiveInt", "NonNegInt", "PositiveFloat", "NonNegFloat",
            "Fraction", "Momentum", "Channels", "MixedPrecision", "check_victim_preprocess", "setting", "field_help",
-           "JobHeader", "RunHeader", "ShardTrainHeader", "BackboneConfig", "HEADER_MAY_CHANGE", "own_default"]
+           "JobHeader", "RunHeader", "ShardTrainHeader", "BackboneConfig", "OptimRecipe", "HEADER_MAY_CHANGE",
+           "own_default"]
 
 T = TypeVar("T")
 
@@ -172,6 +173,19 @@ class BackboneConfig:
         if not self.arch.startswith(TIMM_PREFIX):
             choice(f"{self.SECTION}.arch", self.arch, list(BACKBONES) + [f"{TIMM_PREFIX}<model name>"])
             choice(f"{self.SECTION}.stem", self.stem, list(STEMS))
+
+
+@dataclasses.dataclass
+class OptimRecipe:
+    """The optimisation keys the training loops share (the steal's ``train.*``, the victim trainers'), declared
+    with their ranges and help once. The loops keep their own defaults and key order, so they redeclare each
+    key with :func:`own_default` (``momentum: Momentum = own_default("momentum", 0.9, OptimRecipe)``) rather
+    than inherit the piece; the learning rate is each loop's own (batch-scaled or not)."""
+
+    batch_size: PositiveInt = setting(256, "images per step, per rank")
+    weight_decay: NonNegFloat = setting(0.0, "weight decay (none on biases and norm weights)")
+    momentum: Momentum = setting(0.9, "optimizer momentum")
+    warmup_epochs: NonNegFloat = setting(0.0, "linear warmup of the learning rate, in epochs")
 
 
 def own_default(key: str, default: Any, piece: type = RunHeader) -> Any:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from stealer.augment import AugmentConfig, augment, batch_generator, normalize
-from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Momentum, NonNegFloat, PositiveFloat, PositiveInt, ShardTrainHeader,
-                            own_default, setting, to_dict)
+from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Momentum, NonNegFloat, OptimRecipe, PositiveFloat, PositiveInt,
+                            ShardTrainHeader, own_default, setting, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
@@ -59,12 +59,12 @@ class VictimTrainConfig(ShardTrainHeader):
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     epochs: PositiveInt = setting(40, "passes over train_data")
-    batch_size: PositiveInt = setting(256, "images per step, per rank")
+    batch_size: PositiveInt = own_default("batch_size", 256, OptimRecipe)
     lr: PositiveFloat = setting(0.05, "base learning rate, scaled by global batch / 256 (SimSiam); cosine decay")
-    weight_decay: NonNegFloat = setting(1e-4, "weight decay (none on biases and norm weights)")
-    momentum: Momentum = setting(0.9, "SGD momentum")
+    weight_decay: NonNegFloat = own_default("weight_decay", 1e-4, OptimRecipe)
+    momentum: Momentum = own_default("momentum", 0.9, OptimRecipe)
     fix_pred_lr: bool = setting(True, "keep the predictor at the constant (batch-scaled) learning rate, no warmup or decay (the official recipe)")
-    warmup_epochs: NonNegFloat = setting(0.0, "linear warmup of the learning rate, in epochs")
+    warmup_epochs: NonNegFloat = own_default("warmup_epochs", 0.0, OptimRecipe)
 
 
 # what may differ between a checkpoint's run and the run resuming it (bookkeeping and speed)

@@ -32,8 +32,8 @@ import torch
 from stealer.attacks import EncoderAttackConfig, StepContext, get_attack, steal_step
 from stealer.cache import ResponseCache
 from stealer.config import (BackboneConfig, Channels, ConfigError, Fraction, JobHeader, MixedPrecision, Momentum, NonNegFloat,
-                            NonNegInt, OneOf, PositiveFloat, PositiveInt, check_victim_preprocess, choice, own_default,
-                            save_config, setting, to_dict)
+                            NonNegInt, OneOf, OptimRecipe, PositiveFloat, PositiveInt, ShardTrainHeader,
+                            check_victim_preprocess, choice, own_default, save_config, setting, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.jsonsafe import dumps as json_dumps
@@ -59,9 +59,9 @@ class QueryTarget(Protocol):
 @dataclass
 class DataConfig:
     query: str = setting("runs/demo/data/animal_mnist/query", "shard folder of the attacker's query images")
-    image_size: PositiveInt = setting(32, "images are resized (shorter side) and centre-cropped to this size")
-    channels: Channels = setting(1, "1 (grey) or 3 (RGB): what the images are decoded to")
-    workers: NonNegInt = setting(0, "loader worker processes per rank (0: decode in the training process)")
+    image_size: PositiveInt = own_default("image_size", 32, ShardTrainHeader)
+    channels: Channels = own_default("channels", 1, ShardTrainHeader)
+    workers: NonNegInt = own_default("workers", 0, ShardTrainHeader)
     shuffle_buffer: NonNegInt = setting(1000, "samples the train phase's stream shuffles among (0 or 1: none)")
     decode: Annotated[str, OneOf("cpu", "device")] = setting(
         "cpu", "where images are decoded: cpu (PIL, in the loader workers) or device (JPEGs by nvJPEG on the GPU, in "
@@ -139,12 +139,12 @@ class TrainConfig:
         None, "None: the loss's own default (stealer.losses.default_temperature: softnn 100, soft_ce 1, every other loss 0.2)")
     loss_args: Any = setting(help="extra keyword arguments of the loss, e.g. {temperature: 100} for softnn", factory=dict)
     epochs: PositiveInt = setting(30, "passes over the cached responses")
-    batch_size: PositiveInt = setting(256, "images per step, per rank")
+    batch_size: PositiveInt = own_default("batch_size", 256, OptimRecipe)
     optimizer: str = setting("lars", "a stealer.optim name (lars, sgd, adamw, ...)")
     lr: PositiveFloat = setting(1.0, "peak learning rate (after warmup; cosine decay to final_lr_fraction of it)")
-    weight_decay: NonNegFloat = setting(1e-6, "weight decay (none on biases and norm weights)")
-    momentum: Momentum = setting(0.9, "optimizer momentum")
-    warmup_epochs: NonNegFloat = setting(2.0, "linear warmup of the learning rate, in epochs")
+    weight_decay: NonNegFloat = own_default("weight_decay", 1e-6, OptimRecipe)
+    momentum: Momentum = own_default("momentum", 0.9, OptimRecipe)
+    warmup_epochs: NonNegFloat = own_default("warmup_epochs", 2.0, OptimRecipe)
     final_lr_fraction: Fraction = setting(0.0, "the cosine schedule ends at lr x this")
     augment: bool = setting(True, "augment the student's view of each query image")
     mixed_precision: MixedPrecision = own_default("mixed_precision", "auto")

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from stealer.augment import AugmentConfig, augment, batch_generator
-from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Fraction, Momentum, NonNegFloat, PositiveFloat, PositiveInt, Range,
-                            ShardTrainHeader, own_default, setting, to_dict)
+from stealer.config import (HEADER_MAY_CHANGE, BackboneConfig, Fraction, Momentum, NonNegFloat, OptimRecipe, PositiveFloat,
+                            PositiveInt, Range, ShardTrainHeader, own_default, setting, to_dict)
 from stealer.data import ShardStream, open_shards
 from stealer.engine import RunState
 from stealer.optim import build_optimizer, build_schedule
@@ -49,11 +49,11 @@ class ClassifierTrainConfig(ShardTrainHeader):
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale_min=0.5, jitter_p=0.0))
     epochs: PositiveInt = setting(10, "passes over train_data")
-    batch_size: PositiveInt = setting(128, "images per step, per rank")
+    batch_size: PositiveInt = own_default("batch_size", 128, OptimRecipe)
     lr: PositiveFloat = setting(0.1, "base learning rate, scaled by global batch / 256; cosine decay")
-    weight_decay: NonNegFloat = setting(5e-4, "weight decay (none on biases and norm weights)")
-    momentum: Momentum = setting(0.9, "SGD momentum")
-    warmup_epochs: NonNegFloat = setting(0.5, "linear warmup of the learning rate, in epochs")
+    weight_decay: NonNegFloat = own_default("weight_decay", 5e-4, OptimRecipe)
+    momentum: Momentum = own_default("momentum", 0.9, OptimRecipe)
+    warmup_epochs: NonNegFloat = own_default("warmup_epochs", 0.5, OptimRecipe)
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = setting(0.0, "label smoothing of the cross-entropy")
 
 

@@ -190,3 +190,22 @@ def test_help_shows_a_jobs_own_section_defaults():
     for key, value in resolved.items():
         assert lines[f"augment.{key}"] == repr(value), key
     assert (resolved["scale_min"], resolved["jitter_p"]) == (0.5, 0.0)
+
+
+@pytest.mark.parametrize("where", ["steal.train", "steal.data", "victim", "classify"])
+def test_shared_keys_carry_their_pieces_range_and_help(where):
+    """Keys redeclared with a job's own default (own_default) keep the piece's declared type (its range) and help:
+    the steal's data.image_size/channels/workers are ShardTrainHeader's, the optimisation keys OptimRecipe's."""
+    from stealer.config import OptimRecipe, ShardTrainHeader, field_help
+    from stealer.steal import DataConfig, TrainConfig
+
+    jobs = golden_src.jobs()
+    cls, piece, keys = {"steal.train": (TrainConfig, OptimRecipe, ["batch_size", "weight_decay", "momentum", "warmup_epochs"]),
+                        "steal.data": (DataConfig, ShardTrainHeader, ["image_size", "channels", "workers"]),
+                        "victim": (jobs["victim"], OptimRecipe, ["batch_size", "weight_decay", "momentum", "warmup_epochs"]),
+                        "classify": (jobs["classify"], OptimRecipe, ["batch_size", "weight_decay", "momentum", "warmup_epochs"])}[where]
+    fields, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls, include_extras=True)
+    piece_fields, piece_hints = {f.name: f for f in dataclasses.fields(piece)}, typing.get_type_hints(piece, include_extras=True)
+    for key in keys:
+        assert field_help(fields[key]) == field_help(piece_fields[key]) != "", key
+        assert hints[key] == piece_hints[key], key
