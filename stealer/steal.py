@@ -41,6 +41,7 @@ from stealer.losses import LOSSES, default_temperature, get_loss
 from stealer.optim import OPTIMIZERS, build_optimizer, build_schedule
 from stealer.preempt import Preempted, Preemption
 from stealer.student import StolenEncoder, save_student
+from victims.atomic import atomic_write_json
 from victims.purchase import takes_key
 
 __all__ = ["StealConfig", "EncoderAttackConfig", "run_query_phase", "run_train_phase", "train_stream", "steal_step", "QueryTarget"]
@@ -312,8 +313,7 @@ def run_query_phase(cfg: StealConfig, victim: QueryTarget, accelerator: Any = No
         out["cached"] = manifest["num_samples"]
         out["declared_queries"] = per_image * manifest["num_samples"]  # what the attack says it spent
         out["ledger_spent"] = _ledger_spent(victim, cfg.victim.user)  # what the victim charged
-        with open(run / "query_phase.json", "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_json(run / "query_phase.json", out)  # a kill mid-write never leaves a torn record
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return out
