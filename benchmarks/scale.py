@@ -194,8 +194,9 @@ def run_phase(phase: str, work: Path, n: int, a: argparse.Namespace) -> float:
 
         shutil.rmtree(work / "selected_cov", ignore_errors=True)
         t = time.perf_counter()
+        budget = {} if a.feature_budget_mib is None else {"feature_budget": int(a.feature_budget_mib * 2**20)}
         m = select_queries(work / "pool", work / "selected_cov", min(a.cov_n, n // 10), "coverage", seed=0,
-                           centres=10, spread=0.5, feature_budget=int(a.feature_budget_mib * 2**20))
+                           centres=10, spread=0.5, **budget)
         assert m["num_samples"] == min(a.cov_n, n // 10)
         return time.perf_counter() - t
     if phase == "ledger":
@@ -302,7 +303,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--probe-batch", type=int, default=1024, help="global batch of the streamed probe")
     p.add_argument("--shard-rows", type=int, default=4096, help="rows per feature shard")
     p.add_argument("--cov-n", type=int, default=1000, help="select_cov: images chosen (at most N/10)")
-    p.add_argument("--feature-budget-mib", type=float, default=128.0, help="select_cov: features held at once")
+    p.add_argument("--feature-budget-mib", type=float, default=None,
+                   help="select_cov: MiB of features held at once (default: select_queries' own)")
     p.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--json", default="", help="also write the rows here")
     a = p.parse_args(argv)

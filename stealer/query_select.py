@@ -40,8 +40,8 @@ features in a temporary float32 file; pass 2 (:func:`copy_samples`) finds where 
 from the 512-byte tar headers alone for a plain local tar (a remote, compressed or damaged shard is
 read again and its chosen samples copied to a temporary spill file), and the new set is written in
 selection order by reading each chosen image from there. Computed features are held as float64 up to
-``feature_budget`` bytes (default 32 MiB: 16k rows of 16 x 16 grey pixels, 5.4k of RGB, 32k of
-``random_encoder``; the default data's 3,000-image query pool fits): a pool within it is selected exactly as before; a larger one is selected on a seeded uniform subsample of that
+``feature_budget`` bytes (default 24 MiB: 12k rows of 16 x 16 grey pixels, 4k of RGB, 24k of
+``random_encoder``; a 3,000-image pool, as the default data's, fits): a pool within it is selected exactly as before; a larger one is selected on a seeded uniform subsample of that
 many rows (``numpy.random.default_rng([seed, 11])``) -- k-means, the candidate ranking and farthest-point
 sampling all on the subsample, and ``coverage_radius`` / ``mean_nn_distance`` measured over it -- recorded
 as ``"approximation": {"subsample", "pool", "feature_budget"}`` in the selection block. Farthest-point
@@ -80,8 +80,9 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("random", "class_balanced", "coverage")
 FEATURES = ("pixels", "random_encoder")
 PHOTO_CLASSES = ["china", "flower"]
-FEATURE_BUDGET = 32 << 20  # bytes of float64 features held at once (select_queries feature_budget)
+FEATURE_BUDGET = 24 << 20  # bytes of float64 features held at once (select_queries feature_budget)
 FPS_ROWS = 4096  # rows per block of the farthest-point distance update
+STATS_BYTES = 8 << 20  # bytes of one block of distances for the coverage stats (select_queries)
 
 
 # --------------------------------------------------------------------------- the pool
@@ -615,10 +616,10 @@ def select_queries(shard_dir: str | os.PathLike, out_dir: str | os.PathLike, n: 
             d = np.full(len(rows), np.inf)  # type: ignore[arg-type]
             step = max(1, int(feature_budget) // (8 * scan.dim))
             for i in range(0, len(idx), step):
-                d = np.minimum(d, _nn_distances(feats, scan.feature_rows(idx[i:i + step])))  # type: ignore[arg-type]
+                d = np.minimum(d, _nn_distances(feats, scan.feature_rows(idx[i:i + step]), STATS_BYTES))  # type: ignore[arg-type]
             selection.update(coverage_radius=float(d.max()), mean_nn_distance=float(d.mean()), approximation=approx)
         elif feats is not None:
-            selection.update(coverage_stats(feats, idx))
+            selection.update(coverage_stats(feats, idx, STATS_BYTES))
         feats = None
         manifest = copy_samples(scan, idx, tmp, spill, samples_per_shard=samples_per_shard, classes=classes,
                                 source=f"select_queries strategy={strategy} n={n} seed={seed} from {selection['source']}")
