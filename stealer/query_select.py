@@ -285,10 +285,13 @@ def _located_samples(url: str, count: int) -> Iterator[dict] | None:
                          if not ("/" not in name and name.startswith("__") and name.endswith("__") or _TAR_META.match(name))]
 
     def it() -> Iterator[dict]:
-        for n, s in enumerate(group_by_keys(files + [{}])):  # the reader's rule (_read_local_tar + _iter_shard)
-            if n >= count:
-                break
-            yield s
+        try:
+            for n, s in enumerate(group_by_keys(files + [{}])):  # the reader's rule (_read_local_tar + _iter_shard)
+                if n >= count:
+                    break
+                yield s
+        except Exception:  # noqa: BLE001 - as _iter_shard: the rest of the shard is unreadable (scan_pool skipped it)
+            return
 
     return it()
 

@@ -273,3 +273,32 @@ def test_scan_features_file_reads_back_in_any_chunking(damaged_pool, tmp_path):
     for max_bytes in (1, 8 * 64 * 5, 4 << 20):  # a row, 5 rows, everything per read
         assert np.array_equal(scan.feature_rows(rows, max_bytes=max_bytes), want[rows])
     assert np.array_equal(np.concatenate(list(scan.feature_chunks(7))), want)
+
+
+def test_a_plain_tar_the_reader_gives_up_on_is_located_up_to_the_same_sample(tmp_path):
+    """A duplicate member in a plain tar stops the reader there (the rest counts as corrupt); the header-only
+    pass stops at the same sample instead of raising."""
+    from stealer.shards import array_samples
+
+    images = np.random.default_rng(4).integers(0, 256, size=(20, 8, 8), dtype=np.uint8)
+    root = tmp_path / "pool"
+    write_shards(array_samples(images, np.arange(20) % 4, key_prefix="img"), root, samples_per_shard=10, source="t",
+                 classes=CLASSES, channels=1, image_size=[8, 8])
+    shard = root / "train-000001.tar"
+    with tarfile.open(shard) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    dup = next(i for i, (name, _) in enumerate(members) if name.endswith(".png") and "13" in name)
+    members.insert(dup + 1, members[dup])
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    scan = scan_pool(root)
+    assert len(scan) == 13 and scan.unreadable == {1: list(range(3, 10))}
+    assert [s["__key__"] for s in _located_samples(str(shard), 10)] == [s["__key__"] for s in
+                                                                        _iter_shard(str(shard), 10) if s]
+    keys, raw, labels = _reference(root, 12, "random", 0)
+    select_queries(root, tmp_path / "sel", 12, "random", seed=0)
+    got_keys, got_labels, got_raw = _read(tmp_path / "sel")
+    assert got_keys == keys and got_labels == labels and [r[1] for r in got_raw] == raw
