@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--cpu", action="store_true", help="CPU processes even where GPUs are present")
     a = ap.parse_args()
-    from launch.common import make_accelerator
+    from stealer.dist import make_accelerator
     from stealer.preempt import Preemption
 
     acc = make_accelerator(cpu=a.cpu)

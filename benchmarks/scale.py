@@ -134,7 +134,7 @@ def run_phase(phase: str, work: Path, n: int, a: argparse.Namespace) -> float:
         make_shards(str(work / "folder"), out, samples_per_shard=1000)
         return time.perf_counter() - t
     if phase == "query":
-        from launch.common import make_accelerator
+        from stealer.dist import make_accelerator
         from stealer.steal import run_query_phase
         from victims.api import VictimAPI
         from victims.ledger import QueryLedger
@@ -148,7 +148,7 @@ def run_phase(phase: str, work: Path, n: int, a: argparse.Namespace) -> float:
         run_query_phase(cfg, api, acc)
         return time.perf_counter() - t
     if phase == "train":
-        from launch.common import make_accelerator
+        from stealer.dist import make_accelerator
         from stealer.steal import run_train_phase
 
         cfg = _steal_cfg(work, a)
