@@ -23,11 +23,23 @@ def carve_validation(train_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     """Write probe-train images ``skip .. skip + n`` (reader order, the order ``train_limit`` takes) as a new shard
     folder ``out_dir``; reuse it when it already holds exactly that cut. Returns its manifest.
 
+    Streamed (probe-train may be all of ImageNet train): one pass (``stealer.query_select.scan_pool``) numbers
+    the readable images -- an undecodable one is skipped as the reader skips it -- and stops after the first
+    ``skip + n``; ``copy_samples`` then copies the cut's encoded bytes from the tars into ``out_dir``. Memory:
+    8 bytes an image scanned plus one image, never the images; the set written is byte for byte the one the
+    whole-pool read (``read_pool``) wrote.
+
     Raises ValueError (one line) when probe-train holds no image after the first ``skip``.
     """
-    from stealer.query_select import read_pool
-    from stealer.shards import MANIFEST_NAME, read_manifest, write_manifest, write_shards
+    import tarfile
 
+    import numpy as np
+
+    from stealer.query_select import copy_samples, scan_pool
+    from stealer.shards import MANIFEST_NAME, read_manifest, write_manifest
+
+    if int(n) < 1 or int(skip) < 0:
+        raise ValueError(f"validation cut skip={skip}, n={n}: need skip >= 0 and n >= 1 (set the sweep's n_val >= 1)")
     out = Path(out_dir)
     want = {"source": os.path.abspath(train_dir), "skip": int(skip), "n": int(n)}
     if (out / MANIFEST_NAME).is_file():
@@ -35,22 +47,29 @@ def carve_validation(train_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         if {k: m.get("validation", {}).get(k) for k in want} == want:
             return m
         shutil.rmtree(out)
-    pool = read_pool(train_dir)
-    total = len(pool["keys"])
-    idx = list(range(skip, min(total, skip + n)))
-    if not idx:
+    scan = scan_pool(train_dir, limit=int(skip) + int(n))  # counts every image when fewer: total exact below
+    total = len(scan)
+    idx = np.arange(skip, min(total, skip + n), dtype=np.int64)
+    if not len(idx):
         raise ValueError(f"probe-train {train_dir} holds {total} images, none after the probe's first {skip} "
                          f"(train_limit): lower the probe's train_limit to leave a validation split")
-    m = pool["manifest"]
+    m = scan.manifest
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    samples = ((pool["keys"][i], pool["bytes"][i][1], pool["bytes"][i][0], max(int(pool["labels"][i]), 0)) for i in idx)
-    manifest = write_shards(samples, tmp, source=f"validation: images {skip}..{skip + len(idx)} of {want['source']}",
-                            classes=list(m.get("classes") or ["0"]), channels=int(m.get("channels") or 3),
-                            image_size=m.get("image_size"))
-    manifest["validation"] = {**want, "kept": len(idx), "keys": [pool["keys"][i] for i in idx][:3]}
+    manifest = copy_samples(scan, idx, tmp, out.parent / f".{out.name}.{os.getpid()}.spill",
+                            source=f"validation: images {skip}..{skip + len(idx)} of {want['source']}",
+                            classes=list(m.get("classes") or ["0"]))
+    first: list[str] = []  # the cut's first keys, for the record: read from the first tar's headers
+    with tarfile.open(tmp / manifest["shards"][0]["name"]) as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if key not in first:
+                if len(first) == 3:
+                    break
+                first.append(key)
+    manifest["validation"] = {**want, "kept": len(idx), "keys": first}
     write_manifest(tmp, manifest)
     os.rename(tmp, out)
     return manifest

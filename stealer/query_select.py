@@ -233,9 +233,10 @@ class _FeatureWriter:
 
 
 def scan_pool(shard_dir: str | os.PathLike, features: str | None = None, seed: int = 0,
-              feature_file: str | os.PathLike | None = None) -> PoolScan:
+              feature_file: str | os.PathLike | None = None, limit: int | None = None) -> PoolScan:
     """One streamed pass over a pool: labels of its readable samples, and their ``features`` if asked
-    (``pixels`` | ``random_encoder``, written to ``feature_file``). Memory: 8 bytes an image (+ one batch)."""
+    (``pixels`` | ``random_encoder``, written to ``feature_file``). Memory: 8 bytes an image (+ one batch).
+    ``limit``: stop after that many readable samples (the scan then covers the pool's first ``limit``)."""
     from array import array
 
     from stealer.data import open_shards
@@ -251,8 +252,12 @@ def scan_pool(shard_dir: str | os.PathLike, features: str | None = None, seed: i
     unreadable: dict[int, list[int]] = {}
     try:
         for i in range(len(shards.names)):
+            if limit is not None and len(labels) >= limit:
+                break
             kept = 0
             for j, s in enumerate(_raw_samples(shards, i)):
+                if limit is not None and len(labels) >= limit:
+                    break
                 got = _readable(s, channels, size)
                 if got is None:
                     unreadable.setdefault(i, []).append(j)
