@@ -23,9 +23,17 @@ one's fidelity row is in docs/fidelity.md:
 Every query goes through the victim's ledger, each sybil's answers are cached under its own
 folder before any mapping, and a rerun skips every key already cached: nothing paid for is
 lost or paid twice.
+
+Scale (ImageNet: 100k-250k queries, ~110 KB a JPEG): the sybil phase never holds the caches. The
+query keys are kept as one fixed-width byte array (``len(key)`` bytes a query); each account's cache is
+indexed from its tar headers (:class:`_CacheIndex`: where each key's image, ``cls`` and ``npy`` members
+lie, ~60 bytes a key, one account at a time); the map is fitted on the overlap answers alone
+(``overlap x D`` floats), and the merged answers are read, mapped and written ``MERGE_BATCH`` answers
+(and at most ``MERGE_BYTES`` of images) per ``write_batch``, in the same order as one write would.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -41,6 +49,9 @@ from victims.purchase import takes_key
 
 __all__ = ["RepeatAverage", "fit_affine_map", "apply_affine_map", "sybil_users", "run_sybil_query_phase",
            "coverage_controlled_queries"]
+
+MERGE_BATCH = 4096  # merged sybil answers per write_batch (one tar each) ...
+MERGE_BYTES = 64 << 20  # ... and at most this many image bytes in one (a single larger image goes alone)
 
 
 class RepeatAverage:
@@ -130,8 +141,8 @@ def sybil_users(user: str, sybils: int) -> list[str]:
 
 
 def _read_cache(root: Path) -> dict[str, tuple[tuple[str, bytes], int, np.ndarray]]:
-    """Every cached response in ``root``: key -> ((ext, image bytes), label, response)."""
-    import io
+    """Every cached response in ``root``: key -> ((ext, image bytes), label, response). Holds every image:
+    for small caches and tests; the sybil phase reads through :class:`_CacheIndex`."""
     import tarfile
 
     out: dict[str, Any] = {}
@@ -147,6 +158,107 @@ def _read_cache(root: Path) -> dict[str, tuple[tuple[str, bytes], int, np.ndarra
             label = int(p["cls"]) if "cls" in p else -1
             out[key] = ((img_ext, p[img_ext]), label, np.load(io.BytesIO(p["npy"]), allow_pickle=False))
     return out
+
+
+def _key_array(keys: Sequence[str]) -> np.ndarray:
+    """``keys`` as one fixed-width byte array (numpy ``S``): ``len(key)`` bytes a key, sortable, no object per key."""
+    return np.array([k.encode("utf-8") for k in keys], dtype=bytes) if len(keys) else np.empty(0, dtype="S1")
+
+
+class _CacheIndex:
+    """Where every answer of a response-cache folder lives, read from its tar headers (never the bytes).
+
+    Per key: its tar and the ``(offset, size)`` of its image, ``cls`` and ``npy`` members (about 60 bytes
+    a key plus the key itself, in numpy arrays). A key cached twice resolves to its copy in the last tar
+    (name order) and, within a tar, to its last member of each kind: what a dict built over the folder
+    (:func:`_read_cache`) holds.
+    """
+
+    COLS = ("tar", "ext", "img_off", "img_len", "cls_off", "cls_len", "npy_off", "npy_len")
+
+    def __init__(self, root: Path) -> None:
+        import tarfile
+        from array import array
+
+        from stealer.data import _local_tar_members  # the reader's header-only walk of a plain tar
+
+        self.root = Path(root)
+        self.files: list[str] = []
+        self.exts: list[str] = []
+        cols = {c: array("q") for c in self.COLS}
+        keys: list[np.ndarray] = []
+        for tar_path in sorted(self.root.glob("resp-*.tar")):
+            members = _local_tar_members(str(tar_path))
+            if members is None:  # pax or GNU headers (a long key): tarfile reads the headers instead
+                with tarfile.open(tar_path) as t:
+                    members = [(m.name, m.offset_data, m.size) for m in t]
+            parts: dict[str, dict[str, tuple[int, int]]] = {}
+            for name, off, size in members:
+                key, ext = name.split(".", 1)
+                parts.setdefault(key, {})[ext] = (off, size)
+            if not parts:
+                continue
+            self.files.append(str(tar_path))
+            for p in parts.values():
+                img_ext = next(e for e in p if e not in ("cls", "npy"))
+                if img_ext not in self.exts:
+                    self.exts.append(img_ext)
+                cls = p.get("cls", (0, -1))
+                for c, v in zip(self.COLS, (len(self.files) - 1, self.exts.index(img_ext), *p[img_ext], *cls, *p["npy"])):
+                    cols[c].append(v)
+            keys.append(_key_array(list(parts)))
+        self.cols = {c: np.frombuffer(a, dtype=np.int64) if len(a) else np.empty(0, np.int64) for c, a in cols.items()}
+        allk = np.concatenate(keys) if keys else np.empty(0, dtype="S1")
+        self.order = np.argsort(allk, kind="stable")  # equal keys keep file order: the last copy is the last one
+        self.sorted = allk[self.order]
+
+    def __len__(self) -> int:
+        return len(self.sorted)
+
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """The row of each of ``keys`` (a key array); ValueError (one line) naming the first one not cached."""
+        keys = np.asarray(keys)
+        width = self.sorted.dtype.itemsize
+        fits = np.char.str_len(keys) <= width if keys.dtype.itemsize > width else np.ones(len(keys), dtype=bool)
+        q = keys.astype(self.sorted.dtype)
+        pos = np.searchsorted(self.sorted, q, side="right") - 1
+        ok = fits & (pos >= 0)
+        ok[ok] = self.sorted[pos[ok]] == q[ok]
+        if not ok.all():
+            miss = keys[~ok]
+            raise ValueError(f"response cache {self.root} holds no answer for {len(miss)} of the {len(keys)} query "
+                             f"images it was asked (first: {miss[0].decode()!r}): the query set changed since they "
+                             "were paid; use a new run name (name=...)")
+        return self.order[pos]
+
+    def responses(self, rows: np.ndarray, reader: Any) -> np.ndarray:
+        """The cached responses of ``rows``, stacked ``[len(rows), D]`` in their cached dtype."""
+        f, off, n = self.cols["tar"], self.cols["npy_off"], self.cols["npy_len"]
+        return np.stack([np.load(io.BytesIO(reader.read(self.files[f[r]], int(off[r]), int(n[r]))), allow_pickle=False)
+                         for r in rows])
+
+    def samples(self, rows: np.ndarray, reader: Any) -> tuple[list[tuple[str, bytes]], list[int], np.ndarray]:
+        """``(ext, image bytes)``, label (-1: none cached) and the stacked responses of ``rows``."""
+        c = self.cols
+        images, labels = [], []
+        for r in rows:
+            path = self.files[c["tar"][r]]
+            images.append((self.exts[c["ext"][r]], reader.read(path, int(c["img_off"][r]), int(c["img_len"][r]))))
+            labels.append(int(reader.read(path, int(c["cls_off"][r]), int(c["cls_len"][r]))) if c["cls_len"][r] >= 0
+                          else -1)
+        return images, labels, self.responses(rows, reader)
+
+    def batches(self, rows: np.ndarray, max_count: int, max_bytes: int) -> list[slice]:
+        """``rows`` cut in order into runs of at most ``max_count`` rows and ``max_bytes`` image bytes."""
+        out, lo, size = [], 0, 0
+        for i, b in enumerate(self.cols["img_len"][rows]):  # numpy ints one at a time, no list of them
+            if i > lo and (i - lo == max_count or size + b > max_bytes):
+                out.append(slice(lo, i))
+                lo, size = i, 0
+            size += b
+        if len(rows) > lo:
+            out.append(slice(lo, len(rows)))
+        return out
 
 
 def _legacy_victim(run: Path, users: list[str], desc: dict[str, Any], served: dict[str, Any] | None,
@@ -215,10 +327,12 @@ def run_sybil_query_phase(cfg: StealConfig, victim: QueryTarget, *, sybils: int,
     stream = ShardStream(shards, batch_size=cfg.query.batch_size, shuffle=False, channels=cfg.data.channels,
                          image_size=cfg.data.image_size, limit=n, keep_bytes=True, decoder=decoder)
     sent = [0] * sybils
-    keys: list[str] = []
+    parts: list[np.ndarray] = []  # the query keys in order, one fixed-width byte array per batch
+    seen = 0
     for batch in stream.iter_epoch(0):
-        idx = torch.arange(len(keys), len(keys) + len(batch["key"]))
-        keys.extend(batch["key"])
+        idx = torch.arange(seen, seen + len(batch["key"]))
+        seen += len(batch["key"])
+        parts.append(_key_array(batch["key"]))
         for s, (u, cache) in enumerate(zip(users, caches)):
             mine = (idx < overlap) | ((idx - overlap) % sybils == s)
             todo = [i for i in torch.nonzero(mine).flatten().tolist() if batch["key"][i] not in done[s]]
@@ -229,32 +343,49 @@ def run_sybil_query_phase(cfg: StealConfig, victim: QueryTarget, *, sybils: int,
             sent[s] += len(todo)
             cache.write_batch([batch["key"][i] for i in todo], [batch["bytes"][i] for i in todo],
                               batch["label"][sel].tolist(), reps.detach().float().cpu().numpy())
-    answers = [_read_cache(run / "sybils" / u) for u in users]
+    batch = None  # the last batch's images are not kept through the merge
+    keys = np.concatenate(parts) if parts else np.empty(0, dtype="S1")
+    del parts
     over = keys[:overlap]
-    own = {s: [k for i, k in enumerate(keys[overlap:]) if i % sybils == s] for s in range(sybils)}
-    y0 = torch.from_numpy(np.stack([answers[0][k][2] for k in over])).float()
-    out = ResponseCache(run / "cache", dtype=cfg.query.dtype)
-    out_meta = {**meta, "out_dim": int(y0.shape[1])}
-    out.check_meta(out_meta)
-    out.write_meta(out_meta)
-    have = out.done_keys()
-    residuals: dict[str, float] = {}
-    for s, u in enumerate(users):
-        w = None
-        if s:
-            ys = torch.from_numpy(np.stack([answers[s][k][2] for k in over])).float()
-            cut = max(2, int(0.8 * overlap))  # held-out check of the map on the last fifth of the overlap
-            if overlap - cut >= 1:
-                w = fit_affine_map(ys[:cut], y0[:cut], ridge)
-                err, ref = apply_affine_map(w, ys[cut:]) - y0[cut:], y0[cut:] - y0[:cut].mean(0)
-                residuals[u] = float(err.norm() / ref.norm().clamp_min(1e-12))
-            w = fit_affine_map(ys, y0, ridge)
-        mine = [k for k in (over if s == 0 else []) + own[s] if k not in have]
-        if not mine:
-            continue
-        r = torch.from_numpy(np.stack([answers[s][k][2] for k in mine])).float()
-        r = apply_affine_map(w, r) if w is not None else r
-        out.write_batch(mine, [answers[s][k][0] for k in mine], [answers[s][k][1] for k in mine], r.numpy())
+    from stealer.query_select import _Reader  # byte ranges of the cache tars, a few files kept open
+
+    reader = _Reader()
+    try:
+        index = _CacheIndex(run / "sybils" / users[0])  # one account's index at a time
+        y0 = torch.from_numpy(index.responses(index.rows(over), reader)).float()
+        out = ResponseCache(run / "cache", dtype=cfg.query.dtype)
+        out_meta = {**meta, "out_dim": int(y0.shape[1])}
+        out.check_meta(out_meta)
+        out.write_meta(out_meta)
+        have = _key_array(sorted(out.done_keys()))
+        residuals: dict[str, float] = {}
+        for s, u in enumerate(users):
+            w = None
+            if s:
+                index = _CacheIndex(run / "sybils" / u)
+                ys = torch.from_numpy(index.responses(index.rows(over), reader)).float()
+                cut = max(2, int(0.8 * overlap))  # held-out check of the map on the last fifth of the overlap
+                if overlap - cut >= 1:
+                    w = fit_affine_map(ys[:cut], y0[:cut], ridge)
+                    err, ref = apply_affine_map(w, ys[cut:]) - y0[cut:], y0[cut:] - y0[:cut].mean(0)
+                    residuals[u] = float(err.norm() / ref.norm().clamp_min(1e-12))
+                w = fit_affine_map(ys, y0, ridge)
+                del ys
+            mine = keys[overlap + s::sybils]
+            if s == 0:
+                mine = np.concatenate([over, mine])
+            if len(have):
+                mine = mine[~np.isin(mine, have)]
+            if not len(mine):
+                continue
+            rows = index.rows(mine)
+            for part in index.batches(rows, MERGE_BATCH, MERGE_BYTES):  # the order one write_batch would take
+                images, labels, resp = index.samples(rows[part], reader)
+                r = torch.from_numpy(resp).float()
+                r = apply_affine_map(w, r) if w is not None else r
+                out.write_batch([k.decode("utf-8") for k in mine[part]], images, labels, r.numpy())
+    finally:
+        reader.close()
     manifest = out.finalize(source=f"sybil-mapped responses of {desc.get('arch', 'victim')} to {cfg.data.query}")
     stats = {"queries_sent": sum(sent), "sent_per_account": dict(zip(users, sent)), "cached": manifest["num_samples"],
              "query_set_size": n, "overlap": overlap, "sybils": sybils, "map_residual": residuals,
