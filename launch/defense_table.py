@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         fail(str(e).splitlines()[0])
     except BudgetExceeded as e:
         fail(f"{e}; raise budget or lower the attack's queries")
-    print(f"wrote {cfg.run_dir / 'defense_table.md'}, {cfg.run_dir / 'defense_table.csv'}, "
-          f"{cfg.run_dir / 'utility_vs_stolen.png'}")
+    runs = [cfg.run_dir / f"seed{s}" for s in cfg.seeds] or [cfg.run_dir]
+    print("wrote " + ", ".join(str(d / f) for d in runs for f in ("defense_table.md", "defense_table.csv", "utility_vs_stolen.png"))
+          + (f", {cfg.run_dir / 'defense_table_seeds.md'}" if cfg.seeds else ""))
     return rows
 
 

@@ -198,7 +198,7 @@ def test_shipped_configs_load_and_every_chain_builds(name):
     assert any(d.get("n_bits") == 5 and d.get("center") == "calibrate" for c in cfg.defenses.values() for d in c)
 
 
-def test_table_per_seed_then_mean_std_and_noise(tiny, tmp_path):
+def test_table_per_seed_then_mean_std_and_noise(tiny, tmp_path, capsys):
     """seeds=[0,1]: the table runs once per seed (steal seed differs, cells cached per seed), and the seed table
     reads each cell as the mean ± sample std of the per-seed results."""
     import statistics
@@ -218,6 +218,8 @@ def test_table_per_seed_then_mean_std_and_noise(tiny, tmp_path):
             "honest.n_train=40", "honest.n_test=24", "honest.steps=20", f"calibration.data={d}/animal_mnist/victim_train",
             "calibration.n=60"]
     rows = main(argv)
+    wrote = capsys.readouterr().out.strip().splitlines()[-1]  # the files it wrote: per seed, then the seed table
+    assert f"{tmp_path}/s/seed1/defense_table.md" in wrote and wrote.endswith(f"{tmp_path}/s/defense_table_seeds.md")
     assert sorted((r["seed"], r["defense"]) for r in rows) == [(0, "noise"), (0, "none"), (1, "noise"), (1, "none")]
     out = tmp_path / "s"
     for s in (0, 1):  # each seed is a full table run with the steal at that seed
