@@ -27,7 +27,7 @@ lost or paid twice.
 Scale (ImageNet: 100k-250k queries, ~110 KB a JPEG): the sybil phase never holds the caches. The
 query keys are kept as one fixed-width byte array (``len(key)`` bytes a query); each account's cache is
 indexed from its tar headers (:class:`_CacheIndex`: where each key's image, ``cls`` and ``npy`` members
-lie, ~60 bytes a key, one account at a time); the map is fitted on the overlap answers alone
+lie, ~70 bytes a key plus the key, one account at a time); the map is fitted on the overlap answers alone
 (``overlap x D`` floats), and the merged answers are read, mapped and written ``MERGE_BATCH`` answers
 (and at most ``MERGE_BYTES`` of images) per ``write_batch``, in the same order as one write would.
 """
@@ -50,8 +50,10 @@ from victims.purchase import takes_key
 __all__ = ["RepeatAverage", "fit_affine_map", "apply_affine_map", "sybil_users", "run_sybil_query_phase",
            "coverage_controlled_queries"]
 
-MERGE_BATCH = 4096  # merged sybil answers per write_batch (one tar each) ...
-MERGE_BYTES = 64 << 20  # ... and at most this many image bytes in one (a single larger image goes alone)
+# merged sybil answers per write_batch (one tar each), and at most MERGE_BYTES of images in one (a larger image goes
+# alone): what the merge holds at once, with ~3 float copies of the batch's answers (1024 x 2048 x 4 B = 8 MiB each)
+MERGE_BATCH = 1024
+MERGE_BYTES = 32 << 20
 
 
 class RepeatAverage:
@@ -168,7 +170,7 @@ def _key_array(keys: Sequence[str]) -> np.ndarray:
 class _CacheIndex:
     """Where every answer of a response-cache folder lives, read from its tar headers (never the bytes).
 
-    Per key: its tar and the ``(offset, size)`` of its image, ``cls`` and ``npy`` members (about 60 bytes
+    Per key: its tar and the ``(offset, size)`` of its image, ``cls`` and ``npy`` members (about 70 bytes
     a key plus the key itself, in numpy arrays). A key cached twice resolves to its copy in the last tar
     (name order) and, within a tar, to its last member of each kind: what a dict built over the folder
     (:func:`_read_cache`) holds.

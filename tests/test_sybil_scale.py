@@ -221,8 +221,8 @@ def _noise_pool(root: Path, n: int, side: int) -> Path:
 def test_merge_memory_stays_well_below_the_caches_image_bytes(tmp_path, monkeypatch):
     """Traced Python memory of a rerun of the phase (all paid: the query loop buys nothing, the merge writes the
     whole cache): a fraction of the sybil caches' image bytes, which the whole-cache merge held all at once.
-    MERGE_BATCH is 8 here (4096 in use), as query.batch_size, so the 500 answers are many batches, as 250k are at
-    4096: what is left is about one batch of each (peak ~0.5 MB for 6.6 MB of images)."""
+    MERGE_BATCH is 8 here (1024 in use), as query.batch_size, so the 500 answers are many batches, as 250k are at
+    1024: what is left is about one batch of each (peak ~0.5 MB for 6.6 MB of images)."""
     from victims.api import VictimAPI
     from victims.ledger import QueryLedger
     from victims.simsiam import random_victim
