@@ -5,6 +5,7 @@ the caches' image bytes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -35,7 +36,7 @@ def _old_sybil_phase(cfg, victim, *, sybils: int, overlap: int, ridge: float = 1
     caches = [ResponseCache(run / "sybils" / u, dtype="float32") for u in users]
     desc = _legacy_victim(run, users, desc, served, decoder)
     meta = {"victim": desc, "victim_preprocess": pre_record, "user": cfg.victim.user,
-            "query_set": str(Path(cfg.data.query).absolute()), "sybils": sybils, "overlap": overlap,
+            "query_set": os.path.abspath(cfg.data.query), "sybils": sybils, "overlap": overlap,
             "out_dim": desc.get("out_dim"), "channels": cfg.data.channels,
             "image_size": [cfg.data.image_size] * 2, "classes": shards.manifest.get("classes", []),
             "image_ext": shards.manifest.get("image_ext", "png"), "defenses": cfg.victim.defenses,
