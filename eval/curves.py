@@ -79,32 +79,7 @@ class RecordError(ValueError):
     """A record or results file that cannot be used; the message is one line naming where."""
 
 
-@dataclass
-class Stat:
-    """Mean, min, max and count of the top-1 of equal-setting results."""
-
-    values: list[float] = field(default_factory=list)
-
-    @property
-    def mean(self) -> float:
-        return sum(self.values) / len(self.values)
-
-    @property
-    def min(self) -> float:
-        return min(self.values)
-
-    @property
-    def max(self) -> float:
-        return max(self.values)
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def std(self) -> float:
-        """Sample standard deviation (ddof 1; 0 for one value)."""
-        return SeedStat(self.values).std
+Stat = SeedStat  # mean, min, max, count and sample std of equal-setting results: one class, eval.report's
 
 
 @dataclass
