@@ -2,7 +2,7 @@
 user's utility on defended answers, and the watermark verdicts (``launch/defense_table.py``).
 
 Built on :func:`eval.features.extract_features` and :func:`eval.probe.linear_probe` (a stolen encoder's
-output is read as ``launch/probe.py`` reads it, :func:`eval.run._student_encoder`) and on
+output is read as ``launch/probe.py`` reads it, :func:`eval.run.student_encoder`) and on
 :mod:`eval.watermark`. Images meant for the victim are decoded with the ``decoder`` the steal's query
 phase uses for it (``stealer.defense_table.query_decoder``: the victim's recorded resize/crop, or None
 for the stream's own decode at ``image_size``).
@@ -23,9 +23,9 @@ __all__ = ["encoder_fn", "out_dim", "probe_encoder", "probe_student", "load_imag
 
 def encoder_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 images → a stolen encoder's output (its head), as ``launch/probe.py`` reads it."""
-    from eval.run import _student_encoder
+    from eval.run import student_encoder
 
-    return _student_encoder(model, "output", torch.device("cpu"))
+    return student_encoder(model, "output", torch.device("cpu"))
 
 
 def out_dim(model: Any) -> int | None:

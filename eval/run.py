@@ -19,7 +19,7 @@ from stealer.config import (Channels, ConfigError, JobHeader, Momentum, NonNegFl
 from stealer.jsonsafe import dumps as json_dumps
 from stealer.student import StolenEncoder, load_student
 
-__all__ = ["ProbeConfig", "run_probe", "parse_set"]
+__all__ = ["ProbeConfig", "run_probe", "parse_set", "student_encoder"]
 
 
 @dataclass
@@ -111,7 +111,7 @@ def present_sets(specs: list[str]) -> list[str]:
     return out
 
 
-def _student_encoder(model: StolenEncoder, which: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def student_encoder(model: StolenEncoder, which: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     model = model.to(device).eval()
 
     @torch.no_grad()
@@ -172,7 +172,7 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
         name, path = item.split("=", 1)
         model = load_student(path)
         first_meta = first_meta or model.meta
-        encoders[name] = _student_encoder(model, cfg.stolen_features, dev)
+        encoders[name] = student_encoder(model, cfg.stolen_features, dev)
     random_names = []
     if cfg.random and first_meta is not None:
         m = first_meta
@@ -181,7 +181,7 @@ def run_probe(cfg: ProbeConfig, accelerator: Any) -> dict[str, dict[str, Any]]:
             rnd = StolenEncoder(m["arch"], m["out_dim"], in_chans=m["in_chans"], width=m["width"], stem=m["stem"],
                                 mean=m["mean"], std=m["std"])
             random_names.append(f"random_{i}")
-            encoders[random_names[-1]] = _student_encoder(rnd, cfg.stolen_features, dev)
+            encoders[random_names[-1]] = student_encoder(rnd, cfg.stolen_features, dev)
 
     results: dict[str, dict[str, Any]] = {n: {} for n in encoders}
     run = cfg.run_dir
